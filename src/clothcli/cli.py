@@ -103,6 +103,89 @@ def _download_into(path: Path) -> None:
     render.note(f"dataset ready at {path}")
 
 
+@app.command()
+@handle_errors
+def train(
+    config: Annotated[Path | None, typer.Argument(help="Experiment YAML (e.g. conf/mobilenet-cpu.yaml); defaults if omitted.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset folder (overrides data.root).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local pretrained weights file (overrides model.weights).")] = None,
+    model: Annotated[str | None, typer.Option(help="timm architecture (overrides model.name).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Overrides train.epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Overrides train.batch_size.")] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="Overrides optim.lr.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name; the run folder is OUTPUT_DIR/NAME.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Where run folders go (overrides output_dir).")] = None,
+    download: Annotated[bool, typer.Option(help="Download clothing-dataset-small to data.root if it is missing.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config value: --set train.epochs=5 (repeatable).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its last completed epoch.")] = None,
+) -> None:
+    """Fine-tune a timm model with HF Accelerate (CPU, GPU, mixed precision, accelerate launch)."""
+    from clothcli.config import load_config
+    from clothcli.training import train as run_training
+
+    cfg = None
+    if resume is None:
+        extra: dict = {}
+        for key, value in (("data.root", data), ("model.weights", weights), ("model.name", model),
+                           ("train.epochs", epochs), ("train.batch_size", batch_size), ("optim.lr", lr),
+                           ("name", name), ("output_dir", output_dir)):
+            if value is not None:
+                node = extra
+                *parents, leaf = key.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = str(value) if isinstance(value, Path) else value
+        if download:
+            extra.setdefault("data", {})["download"] = True
+        cfg = load_config(config, set_ or [], extra)
+    with render.TrainProgress() as progress:
+        result = run_training(cfg, resume=resume, reporter=progress)
+    render.train_summary(result)
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Run folder (uses best/), checkpoint folder or model.safetensors.")],
+    data: Annotated[Path, typer.Argument(help="Dataset folder (uses its SPLIT) or any folder laid out <class>/<image>.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate when DATA is a dataset folder.")] = "test",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")] = 2,
+    tta: Annotated[bool, typer.Option(help="Average with the horizontally flipped image (test-time augmentation).")] = False,
+    normalize: Annotated[bool, typer.Option(help="Show the confusion matrix normalised per true class.")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the report as Markdown.")] = None,
+    errors: Annotated[Path | None, typer.Option(help="Write misclassified files (path, true, predicted, confidence) as CSV.")] = None,
+    confusion_png: Annotated[Path | None, typer.Option(help="Write the confusion matrix as a PNG.")] = None,
+) -> None:
+    """Accuracy, precision/recall/F1 (weighted, micro, macro, per class) and the confusion matrix."""
+    import csv
+    import io
+
+    from clothcli.evaluation import errors_rows, evaluate_checkpoint, markdown_report, plot_confusion
+    from clothcli.io_utils import atomic_write_text
+
+    with render.progress_bar("evaluating"):
+        report = evaluate_checkpoint(checkpoint, data, split, batch_size, workers, tta)
+    render.evaluation(report, normalize)
+    if json_path:
+        write_json(json_path, report)
+        render.note(f"wrote {json_path}")
+    if markdown:
+        atomic_write_text(markdown, markdown_report(report))
+        render.note(f"wrote {markdown}")
+    if errors:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["path", "true", "predicted", "confidence"])
+        writer.writeheader()
+        writer.writerows(errors_rows(report))
+        atomic_write_text(errors, buffer.getvalue())
+        render.note(f"wrote {errors}")
+    if confusion_png:
+        plot_confusion(report, confusion_png, normalize)
+        render.note(f"wrote {confusion_png}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -153,3 +153,92 @@ def analysis(result: dict) -> None:
         console.print("[green]no duplicates found[/]")
     for message in result["warnings"]:
         warn(message)
+
+
+class TrainProgress:
+    """Rich rendering of the training loop: a bar per epoch and a one-line summary after it."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f} acc {task.fields[acc]:.3f} "
+                       "lr {task.fields[lr]:.2e} {task.fields[ips]:.0f} img/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True,
+        )
+        self.task = None
+
+    def __enter__(self) -> TrainProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text, highlight=False)
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task("train", total=steps, epoch=f"{epoch + 1}/{epochs}",
+                                           loss=0.0, acc=0.0, lr=0.0, ips=0.0)
+
+    def step(self, done: int, loss: float, acc: float, lr: float, images_per_s: float) -> None:
+        self.progress.update(self.task, completed=done, loss=loss, acc=acc, lr=lr, ips=images_per_s)
+
+    def epoch_end(self, row: dict) -> None:
+        if row["epoch"] == "swa":
+            text = (f"[bold]SWA[/] val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%} "
+                    f"macro-F1 {row['val_f1']:.4f}")
+        else:
+            text = (f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}"
+                    f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%} F1 {row['val_f1']:.4f}"
+                    f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
+                    f"  data wait {row['data_wait']:.0%}")
+        self.progress.console.print(text, highlight=False)
+
+
+def train_summary(result) -> None:
+    best = result.best
+    if best:
+        note(f"best epoch {best['epoch']} ({best.get('weights', 'model')} weights): val acc "
+             f"{best['val_acc']:.2%}, macro-F1 {best['val_f1']:.4f}, loss {best['val_loss']:.4f}")
+    if result.unreadable:
+        warn(f"{len(result.unreadable)} unreadable training image(s) were skipped:")
+        for item in result.unreadable[:20]:
+            err_console.print(f"  {item['path']}: {item['reason']}", highlight=False)
+    note(f"run folder: {result.run_dir} (best/, last/, metrics.csv, config.yaml)")
+
+
+def evaluation(report: dict, normalize: bool = False) -> None:
+    """Render the evaluate report: accuracy, averages, per class, confusion matrix."""
+    console.print(f"[bold]{report['arch']}[/] on {report['folder']}"
+                  + (" (with horizontal-flip TTA)" if report["tta_flip"] else ""), highlight=False)
+    console.print(f"Accuracy: [bold]{report['accuracy']:.2%}[/] [{report['correct']}/{report['n']}]   "
+                  f"error rate {report['error_rate']:.2%}", highlight=False)
+    averages = Table(title="Averages")
+    for col in ("average", "precision", "recall", "F1"):
+        averages.add_column(col, justify="right" if col != "average" else "left")
+    for name, values in report["averages"].items():
+        averages.add_row(name, f"{values['precision']:.4f}", f"{values['recall']:.4f}", f"{values['f1']:.4f}")
+    console.print(averages)
+    per_class = Table(title="Per class")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        per_class.add_column(col, justify="right" if col != "class" else "left")
+    for row in report["per_class"]:
+        per_class.add_row(row["class"], f"{row['precision']:.4f}", f"{row['recall']:.4f}",
+                          f"{row['f1']:.4f}", str(row["support"]))
+    console.print(per_class)
+    classes = report["classes"]
+    matrix = Table(title="Confusion matrix (rows: true, columns: predicted)" + (" — normalised" if normalize else ""))
+    matrix.add_column("")
+    for name in classes:
+        matrix.add_column(name[:8], justify="right")
+    for name, row in zip(classes, report["confusion_matrix"]):
+        total = max(sum(row), 1)
+        matrix.add_row(name, *[(f"{v / total:.2f}" if normalize else str(v)) for v in row])
+    console.print(matrix)
+    if report["unreadable"]:
+        warn(f"{len(report['unreadable'])} unreadable image(s) were not evaluated:")
+        for item in report["unreadable"]:
+            err_console.print(f"  {item['path']}: {item['reason']}", highlight=False)

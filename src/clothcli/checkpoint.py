@@ -1,0 +1,86 @@
+"""Checkpoints: `model.safetensors` (timm key layout) plus `checkpoint.json` describing it.
+
+Plain timm loads the weights file directly:
+`timm.create_model(arch, num_classes=N, checkpoint_path=".../model.safetensors", **model_kwargs)`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from clothcli import __version__
+from clothcli.errors import UserError
+from clothcli.io_utils import replace_dir
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "checkpoint.json"
+
+
+def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors (channels_last weights are not contiguous; safetensors needs that)."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> Path:
+    """Write weights and metadata to a staging folder, then swap it in (atomic per folder)."""
+    directory = Path(directory)
+    staging = directory.with_name(f".{directory.name}.staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    meta = {**meta, "clothcli_version": __version__}
+    save_file(state_dict_for_saving(model), str(staging / WEIGHTS_FILE),
+              metadata={"arch": str(meta.get("arch", "")), "num_classes": str(meta.get("num_classes", ""))})
+    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    replace_dir(staging, directory)
+    return directory
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder for a run folder (best/, else last/), a checkpoint folder or its files."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.is_file():
+        path = path.parent
+    for candidate in (path, path / "best", path / "last"):
+        if (candidate / META_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    raise UserError(f"{path}: no clothcli checkpoint here (expected {META_FILE} and {WEIGHTS_FILE}, "
+                    "or a run folder with best/ or last/)")
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    directory = find_checkpoint(path)
+    try:
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{directory / META_FILE}: unreadable checkpoint metadata ({exc})") from None
+    for key in ("arch", "classes", "preprocess"):
+        if key not in meta:
+            raise UserError(f"{directory / META_FILE}: missing '{key}'")
+    meta["directory"] = str(directory)
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model recorded in a checkpoint and load its weights (eval mode)."""
+    import timm
+
+    meta = read_meta(path)
+    directory = Path(meta["directory"])
+    model = timm.create_model(meta["arch"], pretrained=False, num_classes=len(meta["classes"]),
+                              **meta.get("model_kwargs", {}))
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE))
+        model.load_state_dict(state)
+    except Exception as exc:  # corrupt file or wrong shapes: both are bad input
+        raise UserError(f"{directory / WEIGHTS_FILE}: cannot load weights ({str(exc).splitlines()[0][:200]})") from None
+    return model.to(device).eval(), meta

@@ -1,0 +1,138 @@
+"""`evaluate`: run a checkpoint over a split (or any class-laid-out folder) and report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clothcli.checkpoint import load_checkpoint
+from clothcli.data.layout import find_split_dir, index_folder
+from clothcli.data.loading import IGNORE_INDEX, ImageFiles, decode_size, eval_transform, make_loader
+from clothcli.errors import UserError
+from clothcli.metrics import classification_report
+from clothcli.models import Preprocess
+from clothcli.training import make_accelerator, predict_batches, resolve_precision
+
+
+def resolve_eval_folder(data: str | Path, split: str) -> Path:
+    """`data/<split>` when `data` is a dataset folder, else `data` itself (laid out by class)."""
+    data = Path(data)
+    if not data.is_dir():
+        raise UserError(f"data folder not found: {data}")
+    return find_split_dir(data, split) or data
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    split: str = "test",
+    batch_size: int = 64,
+    workers: int = 2,
+    tta_flip: bool = False,
+    mixed_precision: str = "auto",
+) -> dict[str, Any]:
+    """The full classification report plus per-file predictions (for the errors list)."""
+    accelerator = make_accelerator(resolve_precision(mixed_precision, "cpu" if not torch.cuda.is_available() else "cuda"),
+                                   1, cpu=not torch.cuda.is_available())
+    model, meta = load_checkpoint(checkpoint, accelerator.device)
+    classes: list[str] = meta["classes"]
+    folder = resolve_eval_folder(data, split)
+    index = index_folder(folder, classes, name=split)
+    if not index.samples:
+        raise UserError(f"{folder}: no images to evaluate")
+    pre = Preprocess.from_dict(meta["preprocess"])
+    dataset = ImageFiles(index.samples, eval_transform(pre), decode_size(pre))
+    loader = accelerator.prepare(make_loader(dataset, batch_size, workers))
+    model = model.to(memory_format=torch.channels_last)
+    logits, targets, indices, errors = predict_batches(model, loader, accelerator, channels_last=True)
+    if tta_flip:
+        flipped = _FlipLoader(loader)
+        logits_f, _, _, _ = predict_batches(model, flipped, accelerator, channels_last=True)
+        probs = (logits.softmax(1) + logits_f.softmax(1)) / 2
+    else:
+        probs = logits.softmax(1)
+    keep = targets != IGNORE_INDEX
+    confidence, preds = probs.max(1)
+    report = classification_report(preds[keep], targets[keep], classes)
+    files = []
+    for i, p, c, t, k in zip(indices.tolist(), preds.tolist(), confidence.tolist(), targets.tolist(), keep.tolist()):
+        if k:
+            files.append({"path": str(index.samples[i][0]), "true": classes[t], "predicted": classes[p],
+                          "confidence": c})
+    report.update(
+        checkpoint=meta["directory"], arch=meta["arch"], folder=str(folder), split=split, tta_flip=tta_flip,
+        files=files,
+        unreadable=[{"path": str(index.samples[i][0]), "reason": r} for i, r in sorted(dict(errors).items())],
+        skipped=[{"path": str(s.path), "reason": s.reason} for s in index.skipped],
+    )
+    accelerator.end_training()
+    return report
+
+
+class _FlipLoader:
+    """The same batches, mirrored left-right (horizontal-flip test-time augmentation)."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, targets, indices, errors in self.loader:
+            yield images.flip(-1), targets, indices, errors
+
+
+def errors_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Misclassified files, most confident mistakes first."""
+    wrong = [f for f in report["files"] if f["true"] != f["predicted"]]
+    return sorted(wrong, key=lambda f: -f["confidence"])
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The report as a Markdown document."""
+    lines = [f"# Evaluation of `{report['arch']}` on `{report['folder']}`", "",
+             f"Accuracy: **{report['accuracy']:.2%}** [{report['correct']}/{report['n']}], "
+             f"error rate {report['error_rate']:.2%}", "",
+             "| average | precision | recall | F1 |", "|---|---|---|---|"]
+    for name, values in report["averages"].items():
+        lines.append(f"| {name} | {values['precision']:.4f} | {values['recall']:.4f} | {values['f1']:.4f} |")
+    lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for row in report["per_class"]:
+        lines.append(f"| {row['class']} | {row['precision']:.4f} | {row['recall']:.4f} | "
+                     f"{row['f1']:.4f} | {row['support']} |")
+    classes = report["classes"]
+    lines += ["", "Confusion matrix (rows: true, columns: predicted)", "",
+              "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    for name, row in zip(classes, report["confusion_matrix"]):
+        lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_confusion(report: dict[str, Any], path: str | Path, normalize: bool = False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    matrix = np.array(report["confusion_matrix"], dtype=float)
+    if normalize:
+        matrix = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    classes = report["classes"]
+    fig, ax = plt.subplots(figsize=(1 + 0.7 * len(classes), 1 + 0.6 * len(classes)))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            text = f"{matrix[i, j]:.2f}" if normalize else f"{int(matrix[i, j])}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,63 @@
+"""The classification report, computed with torchmetrics' functional API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
+
+
+def classification_report(preds: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    """Accuracy with counts, P/R/F1 (weighted, micro, macro, per class) and the confusion matrix.
+
+    `preds` are predicted class indices, `targets` true indices (same length).
+    """
+    k = len(classes)
+    preds = preds.long().cpu()
+    targets = targets.long().cpu()
+    n = int(targets.numel())
+    correct = int((preds == targets).sum())
+    report: dict[str, Any] = {
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "error_rate": 1 - correct / n if n else 0.0,
+        "classes": classes,
+    }
+    if n == 0:
+        report.update(averages={}, per_class=[], confusion_matrix=[[0] * k for _ in range(k)])
+        return report
+    args = {"preds": preds, "target": targets, "num_classes": k}
+    averages = {}
+    for average in ("weighted", "micro", "macro"):
+        averages[average] = {
+            "precision": float(multiclass_precision(**args, average=average, zero_division=0)),
+            "recall": float(multiclass_recall(**args, average=average, zero_division=0)),
+            "f1": float(multiclass_f1_score(**args, average=average, zero_division=0)),
+        }
+    precision = multiclass_precision(**args, average="none", zero_division=0)
+    recall = multiclass_recall(**args, average="none", zero_division=0)
+    f1 = multiclass_f1_score(**args, average="none", zero_division=0)
+    support = torch.bincount(targets, minlength=k)
+    report["averages"] = averages
+    report["per_class"] = [
+        {"class": c, "precision": float(precision[i]), "recall": float(recall[i]),
+         "f1": float(f1[i]), "support": int(support[i])}
+        for i, c in enumerate(classes)
+    ]
+    report["confusion_matrix"] = multiclass_confusion_matrix(**args).tolist()
+    report["balanced_accuracy"] = float(multiclass_accuracy(**args, average="macro"))
+    return report
+
+
+def macro_f1(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> float:
+    if targets.numel() == 0:
+        return 0.0
+    return float(multiclass_f1_score(preds, targets, num_classes=num_classes, average="macro", zero_division=0))

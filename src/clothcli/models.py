@@ -1,0 +1,141 @@
+"""Building timm models with their starting weights, and the preprocessing they expect."""
+
+from __future__ import annotations
+
+import difflib
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from clothcli.config import ModelConfig, PreprocessConfig
+from clothcli.errors import UserError
+
+HUB_HOST = "huggingface.co"
+
+
+@dataclass
+class Preprocess:
+    """What evaluation and prediction must do to an image so the model sees what it trained on."""
+
+    input_size: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_size": self.input_size, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std), "crop_pct": self.crop_pct}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocess:
+        return cls(int(data["input_size"]), str(data["interpolation"]), tuple(data["mean"]),
+                   tuple(data["std"]), float(data["crop_pct"]))
+
+
+def check_architecture(name: str) -> None:
+    """UserError with the closest names when timm has no such architecture."""
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
+    raise UserError(f"unknown timm model '{name}'{hint}")
+
+
+def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so an offline user waits seconds rather than a minute of retries."""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_message(name: str, reason: str) -> str:
+    return (
+        f"cannot get pretrained weights for '{name}' ({reason}); pass a local file with "
+        "--weights PATH (config key model.weights), or set model.pretrained=false"
+    )
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """A timm model with a head for `num_classes`, weights from `cfg.weights` or the hub.
+
+    A local weights file goes through timm's own pretrained loader (`pretrained_cfg_overlay`),
+    which drops the ImageNet head when the class count differs and adapts input channels.
+    """
+    check_architecture(cfg.name)
+    kwargs: dict[str, Any] = dict(cfg.kwargs)
+    kwargs.setdefault("drop_rate", cfg.drop_rate)
+    if cfg.weights:
+        weights = Path(cfg.weights)
+        if not weights.is_file():
+            raise UserError(f"weights file not found: {weights}")
+        try:
+            return timm.create_model(cfg.name, pretrained=True, num_classes=num_classes,
+                                     pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
+        except (RuntimeError, KeyError, ValueError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{weights}: cannot load into '{cfg.name}': {first[:300]}") from None
+    if not cfg.pretrained:
+        return _create(cfg.name, num_classes, kwargs, pretrained=False)
+    if not hub_reachable():
+        import huggingface_hub.constants
+
+        # Cached weights still load; missing ones fail at once instead of after retries.
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        return _create(cfg.name, num_classes, kwargs, pretrained=True)
+    except UserError:
+        raise
+    except (OSError, RuntimeError, ConnectionError) as exc:
+        reason = "offline and not in the local cache" if not hub_reachable() else type(exc).__name__
+        raise UserError(_offline_message(cfg.name, reason)) from None
+
+
+def _create(name: str, num_classes: int, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"model.kwargs not accepted by '{name}': {exc}") from None
+    except RuntimeError as exc:
+        if "No pretrained weights exist" in str(exc) or "pretrained" in str(exc).lower():
+            raise UserError(_offline_message(name, str(exc).splitlines()[0])) from None
+        raise
+
+
+def resolve_preprocess(model: nn.Module, cfg: PreprocessConfig) -> Preprocess:
+    """The model's pretrained data config, with any value the config sets taking precedence."""
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    size = cfg.input_size or int(data_cfg["input_size"][-1])
+    interpolation = cfg.interpolation or data_cfg.get("interpolation", "bilinear")
+    if interpolation not in ("bilinear", "bicubic", "nearest"):
+        interpolation = "bilinear"
+    mean = tuple(cfg.mean or data_cfg["mean"])
+    std = tuple(cfg.std or data_cfg["std"])
+    if len(mean) != 3 or len(std) != 3:
+        raise UserError("preprocess.mean and preprocess.std need 3 values (R, G, B)")
+    crop_pct = cfg.crop_pct or float(data_cfg.get("crop_pct", 0.875))
+    return Preprocess(size, interpolation, mean, std, crop_pct)  # type: ignore[arg-type]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,450 @@
+"""Fine-tuning with HF Accelerate: one loop for CPU, one GPU and `accelerate launch`.
+
+Reproducibility and exact resume rest on one rule: every epoch starts by reseeding all RNGs
+(and the sampler's generator) from (seed, epoch), so epoch k does the same whether or not the
+run was stopped before it. `last/` and `state/` are written at each epoch end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.utils.data import WeightedRandomSampler
+
+from clothcli.checkpoint import save_checkpoint
+from clothcli.config import Config, from_dict, save_config, to_dict
+from clothcli.data.layout import DatasetIndex, index_dataset
+from clothcli.data.loading import IGNORE_INDEX, ImageFiles, decode_size, eval_transform, make_loader, train_transform
+from clothcli.errors import UserError
+from clothcli.io_utils import atomic_write_text, replace_dir
+from clothcli.metrics import macro_f1
+from clothcli.models import Preprocess, build_model, cpu_supports_bf16, resolve_preprocess
+
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "lr",
+                 "seconds", "images_per_s", "data_wait"]
+STATE_DIR = "state"
+TRAINER_STATE = "trainer_state.json"
+
+
+class Reporter(Protocol):
+    """What the training loop tells its caller (the CLI renders it; tests may ignore it)."""
+
+    def message(self, text: str) -> None: ...
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def step(self, done: int, loss: float, acc: float, lr: float, images_per_s: float) -> None: ...
+    def epoch_end(self, row: dict[str, Any]) -> None: ...
+
+
+class SilentReporter:
+    def message(self, text: str) -> None:
+        pass
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        pass
+
+    def step(self, done: int, loss: float, acc: float, lr: float, images_per_s: float) -> None:
+        pass
+
+    def epoch_end(self, row: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict[str, Any]]
+    best: dict[str, Any]
+    stopped_early: bool = False
+    unreadable: list[dict[str, str]] = field(default_factory=list)
+
+
+def resolve_precision(requested: str, device_type: str) -> str:
+    """'auto' means bf16 where the hardware does it natively, else full precision."""
+    if requested != "auto":
+        return requested
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "no"
+
+
+def make_accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Accelerator:
+    """An Accelerator; a single-process caller may build several (tests, tune then train)."""
+    if AcceleratorState._shared_state and AcceleratorState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(
+        mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=cpu,
+        dataloader_config=DataLoaderConfiguration(even_batches=True),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def unique_run_dir(output_dir: Path, name: str) -> Path:
+    candidate = output_dir / name
+    suffix = 1
+    while candidate.exists():
+        suffix += 1
+        candidate = output_dir / f"{name}-{suffix}"
+    return candidate
+
+
+def _loss_fn(cfg: Config, class_counts: list[int], device: torch.device) -> nn.Module:
+    weight = None
+    if cfg.train.imbalance == "loss":
+        total, k = sum(class_counts), len(class_counts)
+        weight = torch.tensor([total / (k * c) for c in class_counts], dtype=torch.float32, device=device)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing,
+                               ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class _Data:
+    index: DatasetIndex
+    train_loader: Any
+    val_loader: Any | None
+    sampler_generator: torch.Generator | None
+    class_counts: list[int]
+
+
+def _build_data(cfg: Config, index: DatasetIndex, pre: Preprocess) -> _Data:
+    train = index.splits["train"]
+    counts = train.class_counts(len(index.classes))
+    decode_min = decode_size(pre)
+    train_ds = ImageFiles(train.samples, train_transform(pre, cfg.augment), decode_min)
+    generator = torch.Generator()
+    if cfg.train.imbalance == "sampler":
+        weights = [1.0 / counts[t] for t in train.targets]
+        sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True,
+                                        generator=generator)
+    else:
+        sampler = torch.utils.data.RandomSampler(train_ds, generator=generator)
+    train_loader = make_loader(train_ds, cfg.train.batch_size, cfg.data.num_workers, sampler=sampler,
+                               drop_last=len(train_ds) > cfg.train.batch_size)
+    val_loader = None
+    val = index.splits.get("validation")
+    if val is not None and val.samples:
+        val_ds = ImageFiles(val.samples, eval_transform(pre), decode_min)
+        val_loader = make_loader(val_ds, cfg.train.eval_batch_size or cfg.train.batch_size,
+                                 cfg.data.num_workers)
+    return _Data(index, train_loader, val_loader, generator, counts)
+
+
+def predict_batches(model: nn.Module, loader: Any, accelerator: Accelerator,
+                    channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+    """Logits, targets and dataset indices over `loader`, gathered from all processes.
+
+    gather_for_metrics drops the samples accelerate duplicated to even out the last batch.
+    """
+    model.eval()
+    outputs, targets, indices, errors = [], [], [], []
+    with torch.inference_mode():
+        for images, target, index, errs in loader:
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with accelerator.autocast():
+                logits = model(images)
+            logits, target, index = accelerator.gather_for_metrics((logits.float(), target, index))
+            outputs.append(logits.cpu())
+            targets.append(target.cpu())
+            indices.append(index.cpu())
+            errors.extend((int(i), e) for i, e in zip(index.tolist(), errs) if e)
+    if not outputs:
+        empty = torch.empty(0)
+        return empty, empty.long(), empty.long(), errors
+    return torch.cat(outputs), torch.cat(targets), torch.cat(indices), errors
+
+
+def validate(model: nn.Module, loader: Any, accelerator: Accelerator, channels_last: bool,
+             num_classes: int) -> dict[str, float]:
+    logits, targets, _, _ = predict_batches(model, loader, accelerator, channels_last)
+    keep = targets != IGNORE_INDEX
+    logits, targets = logits[keep], targets[keep]
+    if targets.numel() == 0:
+        return {"val_loss": math.nan, "val_acc": math.nan, "val_f1": math.nan}
+    preds = logits.argmax(1)
+    return {
+        "val_loss": float(nn.functional.cross_entropy(logits, targets)),
+        "val_acc": float((preds == targets).float().mean()),
+        "val_f1": macro_f1(preds, targets, num_classes),
+    }
+
+
+def _is_better(value: float, best: float | None, monitor: str) -> bool:
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best if monitor == "val_loss" else value > best
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
+
+
+@contextlib.contextmanager
+def _timer() -> Iterator[list[float]]:
+    box = [0.0]
+    start = time.perf_counter()
+    yield box
+    box[0] = time.perf_counter() - start
+
+
+def train(
+    cfg: Config,
+    resume: str | Path | None = None,
+    reporter: Reporter | None = None,
+    run_dir: str | Path | None = None,
+) -> TrainResult:
+    """Train `cfg` (or continue the run at `resume`); returns the history and the best epoch."""
+    reporter = reporter or SilentReporter()
+    trainer_state: dict[str, Any] = {}
+    if resume is not None:
+        run_path = Path(resume)
+        if not (run_path / STATE_DIR / TRAINER_STATE).is_file():
+            raise UserError(f"{run_path}: nothing to resume (no {STATE_DIR}/{TRAINER_STATE})")
+        import yaml
+
+        cfg = from_dict(yaml.safe_load((run_path / "config.yaml").read_text()), str(run_path / "config.yaml"))
+        trainer_state = json.loads((run_path / STATE_DIR / TRAINER_STATE).read_text())
+
+    if not cfg.data.root:
+        raise UserError("no dataset given: pass --data PATH (or set data.root in the config)")
+    root = Path(cfg.data.root)
+    if not root.exists() and cfg.data.download:
+        from clothcli.data.download import download_dataset
+
+        reporter.message(f"downloading the dataset into {root}")
+        download_dataset(root)
+    index = index_dataset(root)
+
+    cpu = not torch.cuda.is_available()
+    precision = resolve_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
+    accelerator = make_accelerator(precision, cfg.train.grad_accum, cpu)
+    if not accelerator.is_main_process:
+        reporter = SilentReporter()
+    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else True
+    for warning in index.warnings:
+        reporter.message(f"warning: {warning}")
+
+    set_seed(cfg.train.seed)
+    num_classes = len(index.classes)
+    model = build_model(cfg.model, num_classes)
+    pre = resolve_preprocess(model, cfg.preprocess)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    data = _build_data(cfg, index, pre)
+    optimizer = create_optimizer_v2(model, opt=cfg.optim.name, lr=cfg.optim.lr,
+                                    weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
+    sched_name = "step" if cfg.schedule.name == "step" else cfg.schedule.name
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=sched_name if sched_name != "none" else "constant", num_epochs=cfg.train.epochs,
+        decay_epochs=cfg.schedule.decay_epochs, decay_rate=cfg.schedule.decay_rate,
+        warmup_epochs=cfg.schedule.warmup_epochs, warmup_lr=cfg.schedule.warmup_lr,
+        min_lr=cfg.schedule.min_lr,
+    )
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, data.train_loader)
+    val_loader = accelerator.prepare(data.val_loader) if data.val_loader is not None else None
+    loss_fn = _loss_fn(cfg, data.class_counts, accelerator.device)
+
+    unwrapped = accelerator.unwrap_model(model)
+    ema = ModelEmaV3(unwrapped, decay=cfg.train.ema.decay) if cfg.train.ema.enabled else None
+    swa_start = int(cfg.train.epochs * cfg.train.swa.start) if cfg.train.swa.enabled else None
+    swa_model = AveragedModel(unwrapped) if cfg.train.swa.enabled else None
+    for obj in (scheduler, ema, swa_model):
+        if obj is not None:
+            accelerator.register_for_checkpointing(obj)
+
+    if resume is None:
+        base = Path(run_dir) if run_dir else unique_run_dir(Path(cfg.output_dir), cfg.name)
+        run_path = base
+        if accelerator.is_main_process:
+            run_path.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_path / "config.yaml")
+        start_epoch, history, best, stale = 0, [], None, 0
+    else:
+        accelerator.load_state(str(run_path / STATE_DIR))
+        start_epoch = trainer_state["epoch"] + 1
+        history = trainer_state["history"]
+        best = trainer_state["best"]
+        stale = trainer_state["stale"]
+        reporter.message(f"resuming {run_path} at epoch {start_epoch + 1}")
+
+    meta_base = {
+        "arch": cfg.model.name, "model_kwargs": dict(cfg.model.kwargs), "num_classes": num_classes,
+        "classes": index.classes, "preprocess": pre.to_dict(), "config": to_dict(cfg),
+    }
+    unreadable: dict[int, str] = {}
+    monitor = cfg.train.monitor
+    stopped_early = False
+    eval_model = ema.module if ema is not None else model
+    for epoch in range(start_epoch, cfg.train.epochs):
+        set_seed(cfg.train.seed + epoch)
+        data.sampler_generator.manual_seed(cfg.train.seed * 1_000_003 + epoch)
+        in_swa = swa_start is not None and epoch >= swa_start
+        if in_swa and cfg.train.swa.lr:
+            # A constant SWA learning rate (what SWALR settles to), set per epoch: stateless, so resume is exact.
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.train.swa.lr
+        row = _train_one_epoch(
+            epoch, cfg, model, optimizer, train_loader, loss_fn, accelerator, ema, channels_last,
+            reporter, unreadable,
+        )
+        if in_swa:
+            swa_model.update_parameters(accelerator.unwrap_model(model))
+        if not (in_swa and cfg.train.swa.lr):
+            scheduler.step(epoch + 1)
+        if val_loader is not None:
+            row.update(validate(eval_model, val_loader, accelerator, channels_last, num_classes))
+        else:
+            row.update(val_loss=math.nan, val_acc=math.nan, val_f1=math.nan)
+        history.append(row)
+        improved = _is_better(row[monitor], best[monitor] if best else None, monitor)
+        stale = 0 if improved else stale + 1
+        if improved:
+            best = {**row, "weights": "ema" if ema is not None else "model"}
+        patience = cfg.train.early_stopping.patience
+        stopped_early = patience is not None and stale >= patience and epoch + 1 < cfg.train.epochs
+        accelerator.wait_for_everyone()
+        _save_epoch(accelerator, run_path, eval_model, meta_base, row, monitor, improved, history)
+        _save_state(accelerator, run_path, {"epoch": epoch, "history": history, "best": best,
+                                            "stale": stale})
+        reporter.epoch_end(row)
+        if stopped_early:
+            reporter.message(f"early stopping: {monitor} did not improve for {patience} epochs")
+            break
+
+    if swa_model is not None and swa_start is not None and len(history) > swa_start:
+        reporter.message("SWA: recomputing batch-norm statistics over the training data")
+        set_seed(cfg.train.seed + cfg.train.epochs)
+        with accelerator.autocast():
+            update_bn(_images_only(train_loader, channels_last), swa_model, device=accelerator.device)
+        metrics = (validate(swa_model.module, val_loader, accelerator, channels_last, num_classes)
+                   if val_loader is not None else {"val_loss": math.nan, "val_acc": math.nan, "val_f1": math.nan})
+        row = {"epoch": "swa", **{k: "" for k in METRIC_FIELDS[1:5]}, **metrics,
+               "lr": "", "seconds": "", "images_per_s": "", "data_wait": ""}
+        history.append(row)
+        improved = _is_better(metrics[monitor], best[monitor] if best else None, monitor)
+        if improved:
+            best = {**row, "weights": "swa"}
+        _save_epoch(accelerator, run_path, swa_model.module, meta_base, row, monitor, improved, history,
+                    also_last=False)
+        if accelerator.is_main_process:
+            save_checkpoint(swa_model.module, run_path / "swa", {**meta_base, "epoch": "swa",
+                                                                  "metrics": _clean(metrics)})
+        reporter.epoch_end(row)
+
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(run_path, history, best or {}, stopped_early,
+                       [{"path": str(data.index.splits["train"].samples[i][0]), "reason": r}
+                        for i, r in sorted(unreadable.items())])
+
+
+def _images_only(loader: Any, channels_last: bool) -> Iterator[torch.Tensor]:
+    for images, *_ in loader:
+        yield images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
+def _train_one_epoch(epoch: int, cfg: Config, model: nn.Module, optimizer: Any, loader: Any,
+                     loss_fn: nn.Module, accelerator: Accelerator, ema: ModelEmaV3 | None,
+                     channels_last: bool, reporter: Reporter, unreadable: dict[int, str]) -> dict[str, Any]:
+    model.train()
+    reporter.epoch_start(epoch, cfg.train.epochs, len(loader))
+    loss_sum = torch.zeros((), device=accelerator.device)
+    correct = torch.zeros((), device=accelerator.device)
+    seen = torch.zeros((), device=accelerator.device)
+    wait = 0.0
+    start = time.perf_counter()
+    mark = start
+    for step, (images, targets, indices, errors) in enumerate(loader, 1):
+        wait += time.perf_counter() - mark
+        for i, e in zip(indices.tolist(), errors):
+            if e:
+                unreadable[i] = e
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                logits = model(images)
+                loss = loss_fn(logits.float(), targets)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.train.clip_grad:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if ema is not None and accelerator.sync_gradients:
+            ema.update(accelerator.unwrap_model(model))
+        valid = targets != IGNORE_INDEX
+        n = valid.sum()
+        loss_sum += loss.detach() * n
+        correct += (logits.detach().argmax(1) == targets)[valid].sum()
+        seen += n
+        elapsed = time.perf_counter() - start
+        if step % 5 == 0 or step == len(loader):
+            count = max(float(seen), 1.0)
+            reporter.step(step, float(loss_sum) / count, float(correct) / count,
+                          optimizer.param_groups[0]["lr"], float(seen) * accelerator.num_processes / elapsed)
+        mark = time.perf_counter()
+    totals = accelerator.reduce(torch.stack([loss_sum, correct, seen]), reduction="sum")
+    seconds = time.perf_counter() - start
+    count = max(float(totals[2]), 1.0)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": float(totals[0]) / count,
+        "train_acc": float(totals[1]) / count,
+        "lr": optimizer.param_groups[0]["lr"],
+        "seconds": round(seconds, 2),
+        "images_per_s": round(float(totals[2]) / seconds, 1),
+        "data_wait": round(wait / seconds, 3),
+    }
+
+
+def _save_epoch(accelerator: Accelerator, run_path: Path, model: nn.Module, meta_base: dict[str, Any],
+                row: dict[str, Any], monitor: str, improved: bool, history: list[dict[str, Any]],
+                also_last: bool = True) -> None:
+    if not accelerator.is_main_process:
+        return
+    weights = accelerator.unwrap_model(model)
+    meta = {**meta_base, "epoch": row["epoch"], "metric": {"name": monitor, "value": _clean(row).get(monitor)},
+            "metrics": _clean({k: row[k] for k in ("val_loss", "val_acc", "val_f1") if k in row})}
+    if also_last:
+        save_checkpoint(weights, run_path / "last", meta)
+    if improved:
+        save_checkpoint(weights, run_path / "best", meta)
+    _write_metrics(run_path, history)
+
+
+def _save_state(accelerator: Accelerator, run_path: Path, trainer_state: dict[str, Any]) -> None:
+    """accelerate's full state (model, optimizer, scheduler, EMA, SWA, RNG) swapped in atomically."""
+    staging = run_path / f".{STATE_DIR}.staging"
+    accelerator.save_state(str(staging), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(staging / TRAINER_STATE, json.dumps(trainer_state, default=str))
+        replace_dir(staging, run_path / STATE_DIR)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny generated datasets (no real data or weights needed)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+CLASSES = ("red", "green", "blue")
+COLORS = {"red": (200, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 200)}
+
+
+def make_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (40, 32),
+               seed: int = 0, fmt: str | None = None) -> Path:
+    """A noisy solid-colour image, so classes are learnable but images differ."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", size, color)
+    pixels = img.load()
+    for _ in range(size[0] * size[1] // 4):
+        x, y = rng.randrange(size[0]), rng.randrange(size[1])
+        pixels[x, y] = tuple(max(0, min(255, c + rng.randint(-60, 60))) for c in color)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+    return path
+
+
+def make_dataset(root: Path, per_class: dict[str, int] | None = None,
+                 classes: tuple[str, ...] = CLASSES) -> Path:
+    """root/{train,validation,test}/<class>/<n>.jpg with distinct colours per class."""
+    per_class = per_class or {"train": 8, "validation": 4, "test": 4}
+    seed = 0
+    for split, n in per_class.items():
+        for cls in classes:
+            for i in range(n):
+                seed += 1
+                make_image(root / split / cls / f"{cls}_{i}.jpg", COLORS.get(cls, (120, 120, 120)), seed=seed)
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _no_hub_probe(monkeypatch):
+    """Tests never touch the network: the hub probe says 'offline'."""
+    monkeypatch.setattr("clothcli.models.hub_reachable", lambda *a, **k: False)
