@@ -15,8 +15,9 @@ CLASSES = ("red", "green", "blue")
 COLORS = {"red": (200, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 200)}
 
 
-def make_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (40, 32),
-               seed: int = 0, fmt: str | None = None) -> Path:
+def make_image(
+    path: Path, color: tuple[int, int, int], size: tuple[int, int] = (40, 32), seed: int = 0, fmt: str | None = None
+) -> Path:
     """A noisy solid-colour image, so classes are learnable but images differ."""
     rng = random.Random(seed)
     img = Image.new("RGB", size, color)
@@ -29,8 +30,7 @@ def make_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = 
     return path
 
 
-def make_dataset(root: Path, per_class: dict[str, int] | None = None,
-                 classes: tuple[str, ...] = CLASSES) -> Path:
+def make_dataset(root: Path, per_class: dict[str, int] | None = None, classes: tuple[str, ...] = CLASSES) -> Path:
     """root/{train,validation,test}/<class>/<n>.jpg with distinct colours per class."""
     per_class = per_class or {"train": 8, "validation": 4, "test": 4}
     seed = 0

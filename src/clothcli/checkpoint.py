@@ -36,8 +36,11 @@ def save_checkpoint(model: nn.Module, directory: str | Path, meta: dict[str, Any
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     meta = {**meta, "clothcli_version": __version__}
-    save_file(state_dict_for_saving(model), str(staging / WEIGHTS_FILE),
-              metadata={"arch": str(meta.get("arch", "")), "num_classes": str(meta.get("num_classes", ""))})
+    save_file(
+        state_dict_for_saving(model),
+        str(staging / WEIGHTS_FILE),
+        metadata={"arch": str(meta.get("arch", "")), "num_classes": str(meta.get("num_classes", ""))},
+    )
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     replace_dir(staging, directory)
     return directory
@@ -53,8 +56,10 @@ def find_checkpoint(path: str | Path) -> Path:
     for candidate in (path, path / "best", path / "last"):
         if (candidate / META_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
             return candidate
-    raise UserError(f"{path}: no clothcli checkpoint here (expected {META_FILE} and {WEIGHTS_FILE}, "
-                    "or a run folder with best/ or last/)")
+    raise UserError(
+        f"{path}: no clothcli checkpoint here (expected {META_FILE} and {WEIGHTS_FILE}, "
+        "or a run folder with best/ or last/)"
+    )
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -76,8 +81,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
     meta = read_meta(path)
     directory = Path(meta["directory"])
-    model = timm.create_model(meta["arch"], pretrained=False, num_classes=len(meta["classes"]),
-                              **meta.get("model_kwargs", {}))
+    model = timm.create_model(
+        meta["arch"], pretrained=False, num_classes=len(meta["classes"]), **meta.get("model_kwargs", {})
+    )
     try:
         state = load_file(str(directory / WEIGHTS_FILE))
         model.load_state_dict(state)

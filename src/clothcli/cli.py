@@ -15,8 +15,7 @@ from clothcli.errors import UserError
 
 app = typer.Typer(
     name="clothcli",
-    help="Fine-tune and analyse image classifiers for clothing photos "
-    "(any dataset laid out as split/class/image).",
+    help="Fine-tune and analyse image classifiers for clothing photos (any dataset laid out as split/class/image).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -71,8 +70,13 @@ def write_json(path: Path, data: dict) -> None:
 def analyze_data(
     data_dir: Annotated[Path, typer.Argument(help="Dataset folder with train/, validation/ (or val/) and test/.")],
     deep: Annotated[bool, typer.Option(help="Fully decode every image (finds corrupt pixel data, slower).")] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the full analysis as JSON here.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write a PNG bar chart of images per class and split here.")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the full analysis as JSON here.", show_default="not written")
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Write a PNG bar chart of images per class and split here.", show_default="not drawn"),
+    ] = None,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Threads reading files.")] = 4,
     download: Annotated[
         bool, typer.Option(help="Download clothing-dataset-small into DATA_DIR first if it does not exist.")
@@ -106,18 +110,54 @@ def _download_into(path: Path) -> None:
 @app.command()
 @handle_errors
 def train(
-    config: Annotated[Path | None, typer.Argument(help="Experiment YAML (e.g. conf/mobilenet-cpu.yaml); defaults if omitted.")] = None,
-    data: Annotated[Path | None, typer.Option(help="Dataset folder (overrides data.root).")] = None,
-    weights: Annotated[Path | None, typer.Option(help="Local pretrained weights file (overrides model.weights).")] = None,
-    model: Annotated[str | None, typer.Option(help="timm architecture (overrides model.name).")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Overrides train.epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Overrides train.batch_size.")] = None,
-    lr: Annotated[float | None, typer.Option(min=0.0, help="Overrides optim.lr.")] = None,
-    name: Annotated[str | None, typer.Option(help="Run name; the run folder is OUTPUT_DIR/NAME.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Where run folders go (overrides output_dir).")] = None,
-    download: Annotated[bool, typer.Option(help="Download clothing-dataset-small to data.root if it is missing.")] = False,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config value: --set train.epochs=5 (repeatable).")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its last completed epoch.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Experiment YAML (e.g. conf/mobilenet-cpu.yaml); defaults if omitted.",
+            show_default="built-in defaults",
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset folder (overrides data.root).", show_default="config's data.root")
+    ] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local pretrained weights file (overrides model.weights).", show_default="config's model.weights"
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="timm architecture (overrides model.name).", show_default="config's model.name")
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Overrides train.epochs.", show_default="config's train.epochs")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Overrides train.batch_size.", show_default="config's train.batch_size")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(min=0.0, help="Overrides optim.lr.", show_default="config's optim.lr")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Run name; the run folder is OUTPUT_DIR/NAME.", show_default="config's name")
+    ] = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where run folders go (overrides output_dir).", show_default="config's output_dir"),
+    ] = None,
+    download: Annotated[
+        bool, typer.Option(help="Download clothing-dataset-small to data.root if it is missing.")
+    ] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override any config value: --set train.epochs=5 (repeatable).", show_default="none"
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the run in this folder from its last completed epoch.", show_default="new run"),
+    ] = None,
 ) -> None:
     """Fine-tune a timm model with HF Accelerate (CPU, GPU, mixed precision, accelerate launch)."""
     from clothcli.config import load_config
@@ -126,9 +166,16 @@ def train(
     cfg = None
     if resume is None:
         extra: dict = {}
-        for key, value in (("data.root", data), ("model.weights", weights), ("model.name", model),
-                           ("train.epochs", epochs), ("train.batch_size", batch_size), ("optim.lr", lr),
-                           ("name", name), ("output_dir", output_dir)):
+        for key, value in (
+            ("data.root", data),
+            ("model.weights", weights),
+            ("model.name", model),
+            ("train.epochs", epochs),
+            ("train.batch_size", batch_size),
+            ("optim.lr", lr),
+            ("name", name),
+            ("output_dir", output_dir),
+        ):
             if value is not None:
                 node = extra
                 *parents, leaf = key.split(".")
@@ -146,17 +193,34 @@ def train(
 @app.command()
 @handle_errors
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="Run folder (uses best/), checkpoint folder or model.safetensors.")],
-    data: Annotated[Path, typer.Argument(help="Dataset folder (uses its SPLIT) or any folder laid out <class>/<image>.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Run folder (uses best/), checkpoint folder or model.safetensors.")
+    ],
+    data: Annotated[
+        Path, typer.Argument(help="Dataset folder (uses its SPLIT) or any folder laid out <class>/<image>.")
+    ],
     split: Annotated[str, typer.Option(help="Split to evaluate when DATA is a dataset folder.")] = "test",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
     workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")] = 2,
-    tta: Annotated[bool, typer.Option(help="Average with the horizontally flipped image (test-time augmentation).")] = False,
+    tta: Annotated[
+        bool, typer.Option(help="Average with the horizontally flipped image (test-time augmentation).")
+    ] = False,
     normalize: Annotated[bool, typer.Option(help="Show the confusion matrix normalised per true class.")] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
-    markdown: Annotated[Path | None, typer.Option(help="Write the report as Markdown.")] = None,
-    errors: Annotated[Path | None, typer.Option(help="Write misclassified files (path, true, predicted, confidence) as CSV.")] = None,
-    confusion_png: Annotated[Path | None, typer.Option(help="Write the confusion matrix as a PNG.")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the report as JSON.", show_default="not written")
+    ] = None,
+    markdown: Annotated[
+        Path | None, typer.Option(help="Write the report as Markdown.", show_default="not written")
+    ] = None,
+    errors: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write misclassified files (path, true, predicted, confidence) as CSV.", show_default="not written"
+        ),
+    ] = None,
+    confusion_png: Annotated[
+        Path | None, typer.Option(help="Write the confusion matrix as a PNG.", show_default="not drawn")
+    ] = None,
 ) -> None:
     """Accuracy, precision/recall/F1 (weighted, micro, macro, per class) and the confusion matrix."""
     import csv

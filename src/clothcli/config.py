@@ -176,6 +176,8 @@ def _check_value(value: Any, hint: Any, key: str, where: str) -> Any:
                 errors.append(str(exc))
         raise UserError(errors[0] if len(errors) == 1 else f"{where}: '{key}' has the wrong type: {value!r}")
     if origin is Literal:
+        if value is False and "no" in args:
+            value = "no"  # YAML 1.1 reads a bare `no` as false
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise UserError(f"{where}: '{key}' must be one of {choices}, got {value!r}")

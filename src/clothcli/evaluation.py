@@ -34,8 +34,11 @@ def evaluate_checkpoint(
     mixed_precision: str = "auto",
 ) -> dict[str, Any]:
     """The full classification report plus per-file predictions (for the errors list)."""
-    accelerator = make_accelerator(resolve_precision(mixed_precision, "cpu" if not torch.cuda.is_available() else "cuda"),
-                                   1, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(
+        resolve_precision(mixed_precision, "cpu" if not torch.cuda.is_available() else "cuda"),
+        1,
+        cpu=not torch.cuda.is_available(),
+    )
     model, meta = load_checkpoint(checkpoint, accelerator.device)
     classes: list[str] = meta["classes"]
     folder = resolve_eval_folder(data, split)
@@ -59,10 +62,15 @@ def evaluate_checkpoint(
     files = []
     for i, p, c, t, k in zip(indices.tolist(), preds.tolist(), confidence.tolist(), targets.tolist(), keep.tolist()):
         if k:
-            files.append({"path": str(index.samples[i][0]), "true": classes[t], "predicted": classes[p],
-                          "confidence": c})
+            files.append(
+                {"path": str(index.samples[i][0]), "true": classes[t], "predicted": classes[p], "confidence": c}
+            )
     report.update(
-        checkpoint=meta["directory"], arch=meta["arch"], folder=str(folder), split=split, tta_flip=tta_flip,
+        checkpoint=meta["directory"],
+        arch=meta["arch"],
+        folder=str(folder),
+        split=split,
+        tta_flip=tta_flip,
         files=files,
         unreadable=[{"path": str(index.samples[i][0]), "reason": r} for i, r in sorted(dict(errors).items())],
         skipped=[{"path": str(s.path), "reason": s.reason} for s in index.skipped],
@@ -93,19 +101,30 @@ def errors_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def markdown_report(report: dict[str, Any]) -> str:
     """The report as a Markdown document."""
-    lines = [f"# Evaluation of `{report['arch']}` on `{report['folder']}`", "",
-             f"Accuracy: **{report['accuracy']:.2%}** [{report['correct']}/{report['n']}], "
-             f"error rate {report['error_rate']:.2%}", "",
-             "| average | precision | recall | F1 |", "|---|---|---|---|"]
+    lines = [
+        f"# Evaluation of `{report['arch']}` on `{report['folder']}`",
+        "",
+        f"Accuracy: **{report['accuracy']:.2%}** [{report['correct']}/{report['n']}], "
+        f"error rate {report['error_rate']:.2%}",
+        "",
+        "| average | precision | recall | F1 |",
+        "|---|---|---|---|",
+    ]
     for name, values in report["averages"].items():
         lines.append(f"| {name} | {values['precision']:.4f} | {values['recall']:.4f} | {values['f1']:.4f} |")
     lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for row in report["per_class"]:
-        lines.append(f"| {row['class']} | {row['precision']:.4f} | {row['recall']:.4f} | "
-                     f"{row['f1']:.4f} | {row['support']} |")
+        lines.append(
+            f"| {row['class']} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |"
+        )
     classes = report["classes"]
-    lines += ["", "Confusion matrix (rows: true, columns: predicted)", "",
-              "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    lines += [
+        "",
+        "Confusion matrix (rows: true, columns: predicted)",
+        "",
+        "| | " + " | ".join(classes) + " |",
+        "|---" * (len(classes) + 1) + "|",
+    ]
     for name, row in zip(classes, report["confusion_matrix"]):
         lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
@@ -131,8 +150,15 @@ def plot_confusion(report: dict[str, Any], path: str | Path, normalize: bool = F
     for i in range(len(classes)):
         for j in range(len(classes)):
             text = f"{matrix[i, j]:.2f}" if normalize else f"{int(matrix[i, j])}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if matrix[i, j] > matrix.max() / 2 else "black",
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -48,8 +48,13 @@ def classification_report(preds: torch.Tensor, targets: torch.Tensor, classes: l
     support = torch.bincount(targets, minlength=k)
     report["averages"] = averages
     report["per_class"] = [
-        {"class": c, "precision": float(precision[i]), "recall": float(recall[i]),
-         "f1": float(f1[i]), "support": int(support[i])}
+        {
+            "class": c,
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
         for i, c in enumerate(classes)
     ]
     report["confusion_matrix"] = multiclass_confusion_matrix(**args).tolist()

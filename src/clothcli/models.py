@@ -29,13 +29,23 @@ class Preprocess:
     crop_pct: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"input_size": self.input_size, "interpolation": self.interpolation,
-                "mean": list(self.mean), "std": list(self.std), "crop_pct": self.crop_pct}
+        return {
+            "input_size": self.input_size,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "crop_pct": self.crop_pct,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocess:
-        return cls(int(data["input_size"]), str(data["interpolation"]), tuple(data["mean"]),
-                   tuple(data["std"]), float(data["crop_pct"]))
+        return cls(
+            int(data["input_size"]),
+            str(data["interpolation"]),
+            tuple(data["mean"]),
+            tuple(data["std"]),
+            float(data["crop_pct"]),
+        )
 
 
 def check_architecture(name: str) -> None:
@@ -77,8 +87,14 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         if not weights.is_file():
             raise UserError(f"weights file not found: {weights}")
         try:
-            return timm.create_model(cfg.name, pretrained=True, num_classes=num_classes,
-                                     pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
+            model = timm.create_model(
+                cfg.name,
+                pretrained=True,
+                num_classes=num_classes,
+                pretrained_cfg_overlay={"file": str(weights)},
+                **kwargs,
+            )
+            return zero_init_head(model)
         except (RuntimeError, KeyError, ValueError, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{weights}: cannot load into '{cfg.name}': {first[:300]}") from None
@@ -90,12 +106,27 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         # Cached weights still load; missing ones fail at once instead of after retries.
         huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
-        return _create(cfg.name, num_classes, kwargs, pretrained=True)
+        return zero_init_head(_create(cfg.name, num_classes, kwargs, pretrained=True))
     except UserError:
         raise
     except (OSError, RuntimeError, ConnectionError) as exc:
         reason = "offline and not in the local cache" if not hub_reachable() else type(exc).__name__
         raise UserError(_offline_message(cfg.name, reason)) from None
+
+
+def zero_init_head(model: nn.Module) -> nn.Module:
+    """Start a fresh classifier at zero on top of pretrained features.
+
+    timm initialises a new head for training from scratch (e.g. uniform +-1/sqrt(10) on
+    MobileNetV3), which on 1280 pretrained features gives logits large enough to spend the first
+    epoch undoing; a zero head starts from uniform predictions and the loss at log(classes).
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        nn.init.zeros_(head.weight)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+    return model
 
 
 def _create(name: str, num_classes: int, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:

@@ -37,8 +37,13 @@ def note(message: str) -> None:
 @contextlib.contextmanager
 def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     """A transient bar; yields update(done, total)."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err_console, transient=True) as progress:
         task = progress.add_task(description, total=None)
 
@@ -50,8 +55,7 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
 
 @contextlib.contextmanager
 def download_bar() -> Iterator[Callable[[int, int | None], None]]:
-    columns = (TextColumn("download"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
+    columns = (TextColumn("download"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=True) as progress:
         task = progress.add_task("download", total=None)
 
@@ -71,7 +75,7 @@ def _fmt_bytes(n: float) -> str:
 
 def _relative(path: str, root: str) -> str:
     prefix = root.rstrip("/") + "/"
-    return path[len(prefix):] if path.startswith(prefix) else path
+    return path[len(prefix) :] if path.startswith(prefix) else path
 
 
 def analysis(result: dict) -> None:
@@ -89,9 +93,11 @@ def analysis(result: dict) -> None:
         table.add_row(cls, *cells, f"{weights[i]:.2f}")
     table.add_section()
     table.add_row("total", *[str(splits[s]["total"]) for s in splits], "")
-    table.add_row("imbalance (max/min)",
-                  *[f"{splits[s]['imbalance_ratio']:.2f}" if splits[s]["imbalance_ratio"] else "-"
-                    for s in splits], "")
+    table.add_row(
+        "imbalance (max/min)",
+        *[f"{splits[s]['imbalance_ratio']:.2f}" if splits[s]["imbalance_ratio"] else "-" for s in splits],
+        "",
+    )
     console.print(table)
 
     images = result["images"]
@@ -108,20 +114,27 @@ def analysis(result: dict) -> None:
     aspect = images["aspect_ratio"]
     if "min" in aspect:
         bins = ", ".join(f"{k} {v}" for k, v in aspect["bins"].items())
-        props.add_row("aspect ratio (W/H)",
-                      f"min {aspect['min']:.2f}, median {aspect['median']:.2f}, max {aspect['max']:.2f}; {bins}")
+        props.add_row(
+            "aspect ratio (W/H)",
+            f"min {aspect['min']:.2f}, median {aspect['median']:.2f}, max {aspect['max']:.2f}; {bins}",
+        )
     props.add_row("modes", ", ".join(f"{k} {v}" for k, v in images["modes"].items()) or "-")
     props.add_row("formats", ", ".join(f"{k} {v}" for k, v in images["formats"].items()) or "-")
     fb = images["file_bytes"]
     if "min" in fb:
-        props.add_row("file size", f"min {_fmt_bytes(fb['min'])}, median {_fmt_bytes(fb['median'])}, "
-                      f"max {_fmt_bytes(fb['max'])}, total {_fmt_bytes(fb['total'])}")
+        props.add_row(
+            "file size",
+            f"min {_fmt_bytes(fb['min'])}, median {_fmt_bytes(fb['median'])}, "
+            f"max {_fmt_bytes(fb['max'])}, total {_fmt_bytes(fb['total'])}",
+        )
     console.print(props)
 
     skipped = [s for split in splits.values() for s in split["skipped"]]
     if skipped:
-        console.print(f"[yellow]{len(skipped)} file(s) skipped[/] (hidden or not images): "
-                      + ", ".join(sorted({s['reason'] for s in skipped})))
+        console.print(
+            f"[yellow]{len(skipped)} file(s) skipped[/] (hidden or not images): "
+            + ", ".join(sorted({s["reason"] for s in skipped}))
+        )
     if result["unreadable"]:
         bad = Table(title=f"Unreadable files ({len(result['unreadable'])})")
         bad.add_column("path")
@@ -130,8 +143,10 @@ def analysis(result: dict) -> None:
             bad.add_row(_relative(item["path"], result["root"]), item["reason"])
         console.print(bad)
     else:
-        console.print("[green]no unreadable files[/]" + ("" if result["deep"] else
-                      " (headers and end markers checked; --deep decodes every image)"))
+        console.print(
+            "[green]no unreadable files[/]"
+            + ("" if result["deep"] else " (headers and end markers checked; --deep decodes every image)")
+        )
     dups = result["duplicates"]
     if dups:
         table = Table(title=f"Duplicate groups ({len(dups)})")
@@ -145,9 +160,12 @@ def analysis(result: dict) -> None:
                 flags.append("[red]leak across splits[/]")
             if group["conflicting_labels"]:
                 flags.append("[red]conflicting labels[/]")
-            table.add_row(group["kind"] + ("\n" + "\n".join(flags) if flags else ""),
-                          ", ".join(group["splits"]), ", ".join(group["labels"]),
-                          "\n".join(_relative(p, result["root"]) for p in group["paths"]))
+            table.add_row(
+                group["kind"] + ("\n" + "\n".join(flags) if flags else ""),
+                ", ".join(group["splits"]),
+                ", ".join(group["labels"]),
+                "\n".join(_relative(p, result["root"]) for p in group["paths"]),
+            )
         console.print(table)
     else:
         console.print("[green]no duplicates found[/]")
@@ -160,10 +178,17 @@ class TrainProgress:
 
     def __init__(self) -> None:
         self.progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f} acc {task.fields[acc]:.3f} "
-                       "lr {task.fields[lr]:.2e} {task.fields[ips]:.0f} img/s"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True,
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "loss {task.fields[loss]:.4f} acc {task.fields[acc]:.3f} "
+                "lr {task.fields[lr]:.2e} {task.fields[ips]:.0f} img/s"
+            ),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=True,
         )
         self.task = None
 
@@ -180,29 +205,33 @@ class TrainProgress:
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         if self.task is not None:
             self.progress.remove_task(self.task)
-        self.task = self.progress.add_task("train", total=steps, epoch=f"{epoch + 1}/{epochs}",
-                                           loss=0.0, acc=0.0, lr=0.0, ips=0.0)
+        self.task = self.progress.add_task(
+            "train", total=steps, epoch=f"{epoch + 1}/{epochs}", loss=0.0, acc=0.0, lr=0.0, ips=0.0
+        )
 
     def step(self, done: int, loss: float, acc: float, lr: float, images_per_s: float) -> None:
         self.progress.update(self.task, completed=done, loss=loss, acc=acc, lr=lr, ips=images_per_s)
 
     def epoch_end(self, row: dict) -> None:
         if row["epoch"] == "swa":
-            text = (f"[bold]SWA[/] val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%} "
-                    f"macro-F1 {row['val_f1']:.4f}")
+            text = f"[bold]SWA[/] val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%} macro-F1 {row['val_f1']:.4f}"
         else:
-            text = (f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}"
-                    f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%} F1 {row['val_f1']:.4f}"
-                    f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
-                    f"  data wait {row['data_wait']:.0%}")
+            text = (
+                f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}"
+                f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%} F1 {row['val_f1']:.4f}"
+                f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
+                f"  data wait {row['data_wait']:.0%}"
+            )
         self.progress.console.print(text, highlight=False)
 
 
 def train_summary(result) -> None:
     best = result.best
     if best:
-        note(f"best epoch {best['epoch']} ({best.get('weights', 'model')} weights): val acc "
-             f"{best['val_acc']:.2%}, macro-F1 {best['val_f1']:.4f}, loss {best['val_loss']:.4f}")
+        note(
+            f"best epoch {best['epoch']} ({best.get('weights', 'model')} weights): val acc "
+            f"{best['val_acc']:.2%}, macro-F1 {best['val_f1']:.4f}, loss {best['val_loss']:.4f}"
+        )
     if result.unreadable:
         warn(f"{len(result.unreadable)} unreadable training image(s) were skipped:")
         for item in result.unreadable[:20]:
@@ -212,10 +241,16 @@ def train_summary(result) -> None:
 
 def evaluation(report: dict, normalize: bool = False) -> None:
     """Render the evaluate report: accuracy, averages, per class, confusion matrix."""
-    console.print(f"[bold]{report['arch']}[/] on {report['folder']}"
-                  + (" (with horizontal-flip TTA)" if report["tta_flip"] else ""), highlight=False)
-    console.print(f"Accuracy: [bold]{report['accuracy']:.2%}[/] [{report['correct']}/{report['n']}]   "
-                  f"error rate {report['error_rate']:.2%}", highlight=False)
+    console.print(
+        f"[bold]{report['arch']}[/] on {report['folder']}"
+        + (" (with horizontal-flip TTA)" if report["tta_flip"] else ""),
+        highlight=False,
+    )
+    console.print(
+        f"Accuracy: [bold]{report['accuracy']:.2%}[/] [{report['correct']}/{report['n']}]   "
+        f"error rate {report['error_rate']:.2%}",
+        highlight=False,
+    )
     averages = Table(title="Averages")
     for col in ("average", "precision", "recall", "F1"):
         averages.add_column(col, justify="right" if col != "average" else "left")
@@ -226,8 +261,9 @@ def evaluation(report: dict, normalize: bool = False) -> None:
     for col in ("class", "precision", "recall", "F1", "support"):
         per_class.add_column(col, justify="right" if col != "class" else "left")
     for row in report["per_class"]:
-        per_class.add_row(row["class"], f"{row['precision']:.4f}", f"{row['recall']:.4f}",
-                          f"{row['f1']:.4f}", str(row["support"]))
+        per_class.add_row(
+            row["class"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"])
+        )
     console.print(per_class)
     classes = report["classes"]
     matrix = Table(title="Confusion matrix (rows: true, columns: predicted)" + (" — normalised" if normalize else ""))

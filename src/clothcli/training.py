@@ -38,8 +38,18 @@ from clothcli.io_utils import atomic_write_text, replace_dir
 from clothcli.metrics import macro_f1
 from clothcli.models import Preprocess, build_model, cpu_supports_bf16, resolve_preprocess
 
-METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "lr",
-                 "seconds", "images_per_s", "data_wait"]
+METRIC_FIELDS = [
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "val_f1",
+    "lr",
+    "seconds",
+    "images_per_s",
+    "data_wait",
+]
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
 
@@ -90,7 +100,9 @@ def make_accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Accele
     if AcceleratorState._shared_state and AcceleratorState().num_processes == 1:
         AcceleratorState._reset_state()
     return Accelerator(
-        mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=cpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        cpu=cpu,
         dataloader_config=DataLoaderConfiguration(even_batches=True),
         step_scheduler_with_optimizer=False,
     )
@@ -110,8 +122,7 @@ def _loss_fn(cfg: Config, class_counts: list[int], device: torch.device) -> nn.M
     if cfg.train.imbalance == "loss":
         total, k = sum(class_counts), len(class_counts)
         weight = torch.tensor([total / (k * c) for c in class_counts], dtype=torch.float32, device=device)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing,
-                               ignore_index=IGNORE_INDEX)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing, ignore_index=IGNORE_INDEX)
 
 
 @dataclass
@@ -131,23 +142,27 @@ def _build_data(cfg: Config, index: DatasetIndex, pre: Preprocess) -> _Data:
     generator = torch.Generator()
     if cfg.train.imbalance == "sampler":
         weights = [1.0 / counts[t] for t in train.targets]
-        sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True,
-                                        generator=generator)
+        sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=generator)
     else:
         sampler = torch.utils.data.RandomSampler(train_ds, generator=generator)
-    train_loader = make_loader(train_ds, cfg.train.batch_size, cfg.data.num_workers, sampler=sampler,
-                               drop_last=len(train_ds) > cfg.train.batch_size)
+    train_loader = make_loader(
+        train_ds,
+        cfg.train.batch_size,
+        cfg.data.num_workers,
+        sampler=sampler,
+        drop_last=len(train_ds) > cfg.train.batch_size,
+    )
     val_loader = None
     val = index.splits.get("validation")
     if val is not None and val.samples:
         val_ds = ImageFiles(val.samples, eval_transform(pre), decode_min)
-        val_loader = make_loader(val_ds, cfg.train.eval_batch_size or cfg.train.batch_size,
-                                 cfg.data.num_workers)
+        val_loader = make_loader(val_ds, cfg.train.eval_batch_size or cfg.train.batch_size, cfg.data.num_workers)
     return _Data(index, train_loader, val_loader, generator, counts)
 
 
-def predict_batches(model: nn.Module, loader: Any, accelerator: Accelerator,
-                    channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+def predict_batches(
+    model: nn.Module, loader: Any, accelerator: Accelerator, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
     """Logits, targets and dataset indices over `loader`, gathered from all processes.
 
     gather_for_metrics drops the samples accelerate duplicated to even out the last batch.
@@ -171,8 +186,9 @@ def predict_batches(model: nn.Module, loader: Any, accelerator: Accelerator,
     return torch.cat(outputs), torch.cat(targets), torch.cat(indices), errors
 
 
-def validate(model: nn.Module, loader: Any, accelerator: Accelerator, channels_last: bool,
-             num_classes: int) -> dict[str, float]:
+def validate(
+    model: nn.Module, loader: Any, accelerator: Accelerator, channels_last: bool, num_classes: int
+) -> dict[str, float]:
     logits, targets, _, _ = predict_batches(model, loader, accelerator, channels_last)
     keep = targets != IGNORE_INDEX
     logits, targets = logits[keep], targets[keep]
@@ -254,13 +270,18 @@ def train(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     data = _build_data(cfg, index, pre)
-    optimizer = create_optimizer_v2(model, opt=cfg.optim.name, lr=cfg.optim.lr,
-                                    weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
+    optimizer = create_optimizer_v2(
+        model, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
+    )
     sched_name = "step" if cfg.schedule.name == "step" else cfg.schedule.name
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=sched_name if sched_name != "none" else "constant", num_epochs=cfg.train.epochs,
-        decay_epochs=cfg.schedule.decay_epochs, decay_rate=cfg.schedule.decay_rate,
-        warmup_epochs=cfg.schedule.warmup_epochs, warmup_lr=cfg.schedule.warmup_lr,
+        optimizer,
+        sched=sched_name if sched_name != "none" else "constant",
+        num_epochs=cfg.train.epochs,
+        decay_epochs=cfg.schedule.decay_epochs,
+        decay_rate=cfg.schedule.decay_rate,
+        warmup_epochs=cfg.schedule.warmup_epochs,
+        warmup_lr=cfg.schedule.warmup_lr,
         min_lr=cfg.schedule.min_lr,
     )
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, data.train_loader)
@@ -291,8 +312,12 @@ def train(
         reporter.message(f"resuming {run_path} at epoch {start_epoch + 1}")
 
     meta_base = {
-        "arch": cfg.model.name, "model_kwargs": dict(cfg.model.kwargs), "num_classes": num_classes,
-        "classes": index.classes, "preprocess": pre.to_dict(), "config": to_dict(cfg),
+        "arch": cfg.model.name,
+        "model_kwargs": dict(cfg.model.kwargs),
+        "num_classes": num_classes,
+        "classes": index.classes,
+        "preprocess": pre.to_dict(),
+        "config": to_dict(cfg),
     }
     unreadable: dict[int, str] = {}
     monitor = cfg.train.monitor
@@ -307,8 +332,17 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = cfg.train.swa.lr
         row = _train_one_epoch(
-            epoch, cfg, model, optimizer, train_loader, loss_fn, accelerator, ema, channels_last,
-            reporter, unreadable,
+            epoch,
+            cfg,
+            model,
+            optimizer,
+            train_loader,
+            loss_fn,
+            accelerator,
+            ema,
+            channels_last,
+            reporter,
+            unreadable,
         )
         if in_swa:
             swa_model.update_parameters(accelerator.unwrap_model(model))
@@ -327,8 +361,7 @@ def train(
         stopped_early = patience is not None and stale >= patience and epoch + 1 < cfg.train.epochs
         accelerator.wait_for_everyone()
         _save_epoch(accelerator, run_path, eval_model, meta_base, row, monitor, improved, history)
-        _save_state(accelerator, run_path, {"epoch": epoch, "history": history, "best": best,
-                                            "stale": stale})
+        _save_state(accelerator, run_path, {"epoch": epoch, "history": history, "best": best, "stale": stale})
         reporter.epoch_end(row)
         if stopped_early:
             reporter.message(f"early stopping: {monitor} did not improve for {patience} epochs")
@@ -339,26 +372,42 @@ def train(
         set_seed(cfg.train.seed + cfg.train.epochs)
         with accelerator.autocast():
             update_bn(_images_only(train_loader, channels_last), swa_model, device=accelerator.device)
-        metrics = (validate(swa_model.module, val_loader, accelerator, channels_last, num_classes)
-                   if val_loader is not None else {"val_loss": math.nan, "val_acc": math.nan, "val_f1": math.nan})
-        row = {"epoch": "swa", **{k: "" for k in METRIC_FIELDS[1:5]}, **metrics,
-               "lr": "", "seconds": "", "images_per_s": "", "data_wait": ""}
+        metrics = (
+            validate(swa_model.module, val_loader, accelerator, channels_last, num_classes)
+            if val_loader is not None
+            else {"val_loss": math.nan, "val_acc": math.nan, "val_f1": math.nan}
+        )
+        row = {
+            "epoch": "swa",
+            **{k: "" for k in METRIC_FIELDS[1:5]},
+            **metrics,
+            "lr": "",
+            "seconds": "",
+            "images_per_s": "",
+            "data_wait": "",
+        }
         history.append(row)
         improved = _is_better(metrics[monitor], best[monitor] if best else None, monitor)
         if improved:
             best = {**row, "weights": "swa"}
-        _save_epoch(accelerator, run_path, swa_model.module, meta_base, row, monitor, improved, history,
-                    also_last=False)
+        _save_epoch(
+            accelerator, run_path, swa_model.module, meta_base, row, monitor, improved, history, also_last=False
+        )
         if accelerator.is_main_process:
-            save_checkpoint(swa_model.module, run_path / "swa", {**meta_base, "epoch": "swa",
-                                                                  "metrics": _clean(metrics)})
+            save_checkpoint(
+                swa_model.module, run_path / "swa", {**meta_base, "epoch": "swa", "metrics": _clean(metrics)}
+            )
         reporter.epoch_end(row)
 
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(run_path, history, best or {}, stopped_early,
-                       [{"path": str(data.index.splits["train"].samples[i][0]), "reason": r}
-                        for i, r in sorted(unreadable.items())])
+    return TrainResult(
+        run_path,
+        history,
+        best or {},
+        stopped_early,
+        [{"path": str(data.index.splits["train"].samples[i][0]), "reason": r} for i, r in sorted(unreadable.items())],
+    )
 
 
 def _images_only(loader: Any, channels_last: bool) -> Iterator[torch.Tensor]:
@@ -370,9 +419,19 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 
-def _train_one_epoch(epoch: int, cfg: Config, model: nn.Module, optimizer: Any, loader: Any,
-                     loss_fn: nn.Module, accelerator: Accelerator, ema: ModelEmaV3 | None,
-                     channels_last: bool, reporter: Reporter, unreadable: dict[int, str]) -> dict[str, Any]:
+def _train_one_epoch(
+    epoch: int,
+    cfg: Config,
+    model: nn.Module,
+    optimizer: Any,
+    loader: Any,
+    loss_fn: nn.Module,
+    accelerator: Accelerator,
+    ema: ModelEmaV3 | None,
+    channels_last: bool,
+    reporter: Reporter,
+    unreadable: dict[int, str],
+) -> dict[str, Any]:
     model.train()
     reporter.epoch_start(epoch, cfg.train.epochs, len(loader))
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -407,8 +466,13 @@ def _train_one_epoch(epoch: int, cfg: Config, model: nn.Module, optimizer: Any, 
         elapsed = time.perf_counter() - start
         if step % 5 == 0 or step == len(loader):
             count = max(float(seen), 1.0)
-            reporter.step(step, float(loss_sum) / count, float(correct) / count,
-                          optimizer.param_groups[0]["lr"], float(seen) * accelerator.num_processes / elapsed)
+            reporter.step(
+                step,
+                float(loss_sum) / count,
+                float(correct) / count,
+                optimizer.param_groups[0]["lr"],
+                float(seen) * accelerator.num_processes / elapsed,
+            )
         mark = time.perf_counter()
     totals = accelerator.reduce(torch.stack([loss_sum, correct, seen]), reduction="sum")
     seconds = time.perf_counter() - start
@@ -424,14 +488,26 @@ def _train_one_epoch(epoch: int, cfg: Config, model: nn.Module, optimizer: Any, 
     }
 
 
-def _save_epoch(accelerator: Accelerator, run_path: Path, model: nn.Module, meta_base: dict[str, Any],
-                row: dict[str, Any], monitor: str, improved: bool, history: list[dict[str, Any]],
-                also_last: bool = True) -> None:
+def _save_epoch(
+    accelerator: Accelerator,
+    run_path: Path,
+    model: nn.Module,
+    meta_base: dict[str, Any],
+    row: dict[str, Any],
+    monitor: str,
+    improved: bool,
+    history: list[dict[str, Any]],
+    also_last: bool = True,
+) -> None:
     if not accelerator.is_main_process:
         return
     weights = accelerator.unwrap_model(model)
-    meta = {**meta_base, "epoch": row["epoch"], "metric": {"name": monitor, "value": _clean(row).get(monitor)},
-            "metrics": _clean({k: row[k] for k in ("val_loss", "val_acc", "val_f1") if k in row})}
+    meta = {
+        **meta_base,
+        "epoch": row["epoch"],
+        "metric": {"name": monitor, "value": _clean(row).get(monitor)},
+        "metrics": _clean({k: row[k] for k in ("val_loss", "val_acc", "val_f1") if k in row}),
+    }
     if also_last:
         save_checkpoint(weights, run_path / "last", meta)
     if improved:

@@ -1,0 +1,83 @@
+import json
+import shutil
+
+from conftest import make_dataset, make_image
+from typer.testing import CliRunner
+
+from clothcli.cli import app
+from clothcli.data.analysis import analyze_dataset, balance_weights
+
+runner = CliRunner()
+
+
+def test_counts_imbalance_and_weights(tmp_path):
+    root = make_dataset(tmp_path / "d", {"train": 4, "test": 2})
+    for i in range(4, 8):
+        make_image(root / "train" / "red" / f"extra{i}.jpg", (200, 30, 30), seed=100 + i)
+    result = analyze_dataset(root)
+    train = result["splits"]["train"]
+    assert train["total"] == 16 and train["classes"]["red"] == 8 and train["imbalance_ratio"] == 2.0
+    weights = result["balance"]["class_weights"]
+    assert abs(sum(w * c for w, c in zip(weights, [4, 4, 8])) - 16) < 1e-9
+
+
+def test_balance_weights_formula():
+    out = balance_weights([10, 30])
+    assert out["class_weights"] == [2.0, 40 / 60]
+    assert out["sampler_weights"] == [0.1, 1 / 30]
+
+
+def test_unreadable_files_are_listed_with_reasons(tmp_path):
+    root = make_dataset(tmp_path / "d", {"train": 2})
+    (root / "train" / "red" / "zero.jpg").write_bytes(b"")
+    (root / "train" / "red" / "text.jpg").write_text("not an image at all")
+    good = make_image(root / "train" / "red" / "full.jpg", (10, 200, 10), size=(64, 64), seed=7)
+    data = good.read_bytes()
+    (root / "train" / "red" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    result = analyze_dataset(root)
+    reasons = {p["path"].rsplit("/", 1)[1]: p["reason"] for p in result["unreadable"]}
+    assert "0 bytes" in reasons["zero.jpg"]
+    assert "not an image" in reasons["text.jpg"]
+    assert "truncated" in reasons["cut.jpg"]
+    assert "full.jpg" not in reasons
+
+
+def test_exact_and_near_duplicates_across_splits(tmp_path):
+    root = make_dataset(tmp_path / "d", {"train": 3, "test": 3})
+    shutil.copy(root / "train" / "red" / "red_0.jpg", root / "test" / "red" / "copy.jpg")
+    # the same picture re-encoded smaller under another label: near duplicate, conflicting labels
+    from PIL import Image, ImageDraw
+
+    picture = Image.linear_gradient("L").resize((120, 90)).convert("RGB")
+    draw = ImageDraw.Draw(picture)
+    draw.rectangle((20, 10, 60, 70), fill=(250, 200, 0))
+    draw.ellipse((70, 30, 110, 80), fill=(0, 90, 200))
+    picture.save(root / "train" / "blue" / "big.png")
+    picture.resize((60, 45)).save(root / "test" / "green" / "small.jpg", quality=90)
+    result = analyze_dataset(root)
+    groups = result["duplicates"]
+    exact = [g for g in groups if g["kind"] == "exact"]
+    assert any(g["cross_split"] and any("copy.jpg" in p for p in g["paths"]) for g in exact)
+    near = [g for g in groups if any("small.jpg" in p for p in g["paths"])]
+    assert near and near[0]["conflicting_labels"] and near[0]["cross_split"]
+
+
+def test_cli_json_and_plot(tmp_path, tiny_dataset):
+    out = tmp_path / "a.json"
+    png = tmp_path / "a.png"
+    result = runner.invoke(app, ["analyze-data", str(tiny_dataset), "--json", str(out), "--plot", str(png), "--deep"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["splits"]["train"]["total"] == 24
+    assert data["splits"]["test"]["classes"]["red"] == 4
+    assert data["classes"] == ["blue", "green", "red"]
+    assert data["unreadable"] == [] and isinstance(data["duplicates"], list)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "Images per class" in result.output
+
+
+def test_cli_missing_folder_exit_2(tmp_path):
+    result = runner.invoke(app, ["analyze-data", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "not found" in result.output
+    assert "Traceback" not in result.output

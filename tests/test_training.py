@@ -1,0 +1,301 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from clothcli.checkpoint import load_checkpoint
+from clothcli.cli import app
+from clothcli.config import load_config
+from clothcli.training import SilentReporter, train
+
+runner = CliRunner()
+TINY = [
+    "model.name=test_efficientnet",
+    "model.pretrained=false",
+    "preprocess.input_size=32",
+    "train.batch_size=8",
+    "data.num_workers=0",
+    "train.mixed_precision=no",
+    "optim.lr=0.05",
+    "schedule.name=cosine",
+]
+
+
+def tiny_config(data: Path, out: Path, *extra: str, epochs: int = 3):
+    return load_config(None, [*TINY, f"data.root={data}", f"output_dir={out}", f"train.epochs={epochs}", *extra])
+
+
+def rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def comparable(history):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "data_wait")} for r in history]
+
+
+def test_train_writes_run_folder(tiny_dataset, tmp_path):
+    result = train(tiny_config(tiny_dataset, tmp_path / "runs"))
+    run = result.run_dir
+    assert run == tmp_path / "runs" / "experiment"
+    assert (run / "config.yaml").is_file()
+    assert len(rows(run)) == 3
+    assert set(rows(run)[0]) >= {"train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "lr", "seconds"}
+    for name in ("best", "last"):
+        meta = json.loads((run / name / "checkpoint.json").read_text())
+        assert meta["classes"] == ["blue", "green", "red"]
+        assert meta["preprocess"]["input_size"] == 32
+        assert meta["arch"] == "test_efficientnet"
+    assert json.loads((run / "last" / "checkpoint.json").read_text())["epoch"] == 3
+    assert not list(run.glob(".*staging*"))
+    # the tiny colour task is learnable
+    assert result.history[-1]["train_acc"] > 0.5
+
+
+def test_same_config_same_metrics(tiny_dataset, tmp_path):
+    a = train(tiny_config(tiny_dataset, tmp_path / "a", epochs=2))
+    b = train(tiny_config(tiny_dataset, tmp_path / "b", epochs=2))
+    assert comparable(a.history) == comparable(b.history)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["train.ema.enabled=true", "train.imbalance=sampler", "train.grad_accum=2"],
+        ["train.swa.enabled=true", "train.swa.start=0.5", "train.swa.lr=0.01", "train.imbalance=loss"],
+    ],
+)
+def test_resume_matches_uninterrupted(tiny_dataset, tmp_path, extra):
+    full = train(tiny_config(tiny_dataset, tmp_path / "full", *extra, epochs=4))
+
+    class StopAfterTwo(SilentReporter):
+        def epoch_end(self, row):
+            if row["epoch"] == 2:
+                raise KeyboardInterrupt
+
+    cfg = tiny_config(tiny_dataset, tmp_path / "cut", *extra, epochs=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, reporter=StopAfterTwo())
+    run = tmp_path / "cut" / "experiment"
+    assert len(rows(run)) == 2
+    resumed = train(None, resume=run)
+    assert comparable(resumed.history) == comparable(full.history)
+
+
+def test_plain_timm_loads_checkpoint(tiny_dataset, tmp_path):
+    result = train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=1))
+    model, meta = load_checkpoint(result.run_dir)
+    plain = timm.create_model(
+        meta["arch"],
+        num_classes=len(meta["classes"]),
+        checkpoint_path=str(result.run_dir / "best" / "model.safetensors"),
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain(x), atol=1e-6)
+
+
+def test_checkpoint_write_is_atomic(tiny_dataset, tmp_path, monkeypatch):
+    result = train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=1))
+    best = result.run_dir / "best"
+    before = (best / "model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    from clothcli import checkpoint
+
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    model, meta = load_checkpoint(best)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(model, best, meta)
+    assert (best / "model.safetensors").read_bytes() == before
+    load_checkpoint(best)
+
+
+def test_local_weights_drop_imagenet_head(tmp_path):
+    from clothcli.config import ModelConfig
+    from clothcli.models import build_model
+
+    source = timm.create_model("test_efficientnet", num_classes=1000)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = build_model(ModelConfig(name="test_efficientnet", weights=str(path)), 3)
+    assert model.get_classifier().out_features == 3
+    assert torch.equal(model.conv_stem.weight, source.conv_stem.weight)
+
+
+def test_pretrained_offline_is_one_clear_line(tiny_dataset, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tiny_dataset),
+            "--model",
+            "test_efficientnet",
+            "--set",
+            "model.pretrained=true",
+            "--output-dir",
+            str(tmp_path / "r"),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "--weights" in result.output and "Traceback" not in result.output
+
+
+def test_hub_transport_failure_is_reported(tmp_path, monkeypatch):
+    """Online but the transfer fails: the fake transport raises, the user gets the same advice."""
+    import timm.models._hub as hub
+
+    from clothcli.config import ModelConfig
+    from clothcli.errors import UserError
+    from clothcli.models import build_model
+
+    monkeypatch.setattr("clothcli.models.hub_reachable", lambda *a, **k: True)
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(hub, "hf_hub_download", broken)
+    with pytest.raises(UserError, match="--weights PATH"):
+        build_model(ModelConfig(name="test_efficientnet", pretrained=True), 3)
+
+
+def test_cli_bad_inputs_exit_2(tiny_dataset, tmp_path):
+    cases = [
+        ["train", "--data", str(tmp_path / "missing")],
+        ["train", "--data", str(tiny_dataset), "--model", "resnet_5O"],
+        ["train", "--data", str(tiny_dataset), "--set", "train.epoch=3"],
+        ["train", "--data", str(tiny_dataset), "--weights", str(tmp_path / "none.safetensors")],
+        ["train", "--resume", str(tmp_path)],
+    ]
+    for args in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Traceback" not in result.output
+    assert "did you mean" in runner.invoke(app, cases[1]).output
+
+
+def test_cli_train_then_evaluate(tiny_dataset, tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tiny_dataset),
+            "--output-dir",
+            str(tmp_path / "runs"),
+            "--name",
+            "cli",
+            "--epochs",
+            "2",
+            *[a for kv in TINY for a in ("--set", kv)],
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "cli"
+    out = tmp_path / "report.json"
+    errors = tmp_path / "errors.csv"
+    md = tmp_path / "report.md"
+    png = tmp_path / "cm.png"
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(run),
+            str(tiny_dataset),
+            "--json",
+            str(out),
+            "--errors",
+            str(errors),
+            "--markdown",
+            str(md),
+            "--confusion-png",
+            str(png),
+            "--tta",
+            "--workers",
+            "0",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["n"] == 12 and f"[{report['correct']}/12]" in result.output
+    assert set(report["averages"]) == {"weighted", "micro", "macro"}
+    assert sum(map(sum, report["confusion_matrix"])) == 12
+    with open(errors) as fh:
+        assert len(list(csv.DictReader(fh))) == 12 - report["correct"]
+    assert "Confusion matrix" in md.read_text()
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_unknown_class_is_an_error(tiny_dataset, tmp_path):
+    result = train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=1))
+    from conftest import make_image
+
+    make_image(tmp_path / "other" / "purple" / "a.jpg", (120, 0, 120))
+    out = runner.invoke(app, ["evaluate", str(result.run_dir), str(tmp_path / "other"), "--workers", "0"])
+    assert out.exit_code == 2 and "purple" in out.output
+
+
+def test_evaluate_reports_unreadable(tiny_dataset, tmp_path):
+    result = train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=1))
+    (tiny_dataset / "test" / "red" / "broken.jpg").write_bytes(b"\xff\xd8garbage")
+    from clothcli.evaluation import evaluate_checkpoint
+
+    report = evaluate_checkpoint(result.run_dir, tiny_dataset, workers=0)
+    assert report["n"] == 12
+    assert [u["path"].endswith("broken.jpg") for u in report["unreadable"]] == [True]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tiny_dataset, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "clothcli",
+        "train",
+        "--data",
+        str(tiny_dataset),
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--name",
+        "ddp",
+        "--epochs",
+        "2",
+        *[a for kv in TINY for a in ("--set", kv)],
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert [r.name for r in runs] == ["ddp"]
+    history = rows(runs[0])
+    assert len(history) == 2
+    assert (runs[0] / "best" / "model.safetensors").is_file()
+    assert (proc.stdout + proc.stderr).count("epoch   1 ") == 1  # only the main process reports
