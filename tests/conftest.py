@@ -51,3 +51,9 @@ def tiny_dataset(tmp_path: Path) -> Path:
 def _no_hub_probe(monkeypatch):
     """Tests never touch the network: the hub probe says 'offline'."""
     monkeypatch.setattr("clothcli.models.hub_reachable", lambda *a, **k: False)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Decode caches go to a per-session temp folder, never the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))

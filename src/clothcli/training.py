@@ -32,7 +32,18 @@ from torch.utils.data import WeightedRandomSampler
 from clothcli.checkpoint import save_checkpoint
 from clothcli.config import Config, from_dict, save_config, to_dict
 from clothcli.data.layout import DatasetIndex, index_dataset
-from clothcli.data.loading import IGNORE_INDEX, ImageFiles, decode_size, eval_transform, make_loader, train_transform
+from clothcli.data.loading import (
+    IGNORE_INDEX,
+    CachedImages,
+    ImageFiles,
+    decode_size,
+    eval_transform,
+    make_loader,
+    scale_size,
+    tensor_eval_transform,
+    tensor_train_transform,
+    train_transform,
+)
 from clothcli.errors import UserError
 from clothcli.io_utils import atomic_write_text, replace_dir
 from clothcli.metrics import macro_f1
@@ -134,11 +145,49 @@ class _Data:
     class_counts: list[int]
 
 
-def _build_data(cfg: Config, index: DatasetIndex, pre: Preprocess) -> _Data:
+def _datasets(cfg: Config, index: DatasetIndex, pre: Preprocess, reporter: Reporter) -> tuple[Any, Any]:
+    """Train and validation datasets: from the decode cache, or decoding files every epoch."""
+    train = index.splits["train"]
+    val = index.splits.get("validation")
+    val_samples = val.samples if val is not None else []
+    if cfg.data.cache == "none":
+        decode_min = decode_size(pre)
+        return (
+            ImageFiles(train.samples, train_transform(pre, cfg.augment), decode_min),
+            ImageFiles(val_samples, eval_transform(pre), decode_min) if val_samples else None,
+        )
+    from clothcli.data.cache import build_or_open
+
+    out = []
+    for name, samples, transform in (
+        ("train", train.samples, tensor_train_transform(pre, cfg.augment)),
+        ("validation", val_samples, tensor_eval_transform(pre)),
+    ):
+        if not samples:
+            out.append(None)
+            continue
+        start = time.perf_counter()
+        images = build_or_open(
+            [p for p, _ in samples],
+            scale_size(pre),
+            pre.interpolation,
+            cfg.data.cache_dir,
+            cfg.data.cache,
+            workers=max(1, cfg.data.num_workers),
+        )
+        where = "in memory" if images.in_memory else "memory-mapped"
+        reporter.message(
+            f"decoded {name} images: {len(images)} at short side {scale_size(pre)} px, "
+            f"{images.nbytes / 2**20:.0f} MB {where} ({time.perf_counter() - start:.1f}s)"
+        )
+        out.append(CachedImages(images, [t for _, t in samples], transform))
+    return out[0], out[1]
+
+
+def _build_data(cfg: Config, index: DatasetIndex, pre: Preprocess, reporter: Reporter) -> _Data:
     train = index.splits["train"]
     counts = train.class_counts(len(index.classes))
-    decode_min = decode_size(pre)
-    train_ds = ImageFiles(train.samples, train_transform(pre, cfg.augment), decode_min)
+    train_ds, val_ds = _datasets(cfg, index, pre, reporter)
     generator = torch.Generator()
     if cfg.train.imbalance == "sampler":
         weights = [1.0 / counts[t] for t in train.targets]
@@ -153,9 +202,7 @@ def _build_data(cfg: Config, index: DatasetIndex, pre: Preprocess) -> _Data:
         drop_last=len(train_ds) > cfg.train.batch_size,
     )
     val_loader = None
-    val = index.splits.get("validation")
-    if val is not None and val.samples:
-        val_ds = ImageFiles(val.samples, eval_transform(pre), decode_min)
+    if val_ds is not None:
         val_loader = make_loader(val_ds, cfg.train.eval_batch_size or cfg.train.batch_size, cfg.data.num_workers)
     return _Data(index, train_loader, val_loader, generator, counts)
 
@@ -269,7 +316,7 @@ def train(
     pre = resolve_preprocess(model, cfg.preprocess)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    data = _build_data(cfg, index, pre)
+    data = _build_data(cfg, index, pre, reporter)
     optimizer = create_optimizer_v2(
         model, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
     )

@@ -1,0 +1,57 @@
+import torch
+from conftest import make_image
+
+from clothcli.config import AugmentConfig
+from clothcli.data.cache import build_or_open
+from clothcli.data.layout import index_dataset
+from clothcli.data.loading import (
+    CachedImages,
+    ImageFiles,
+    decode_size,
+    eval_transform,
+    scale_size,
+    tensor_eval_transform,
+    tensor_train_transform,
+)
+from clothcli.models import Preprocess
+
+PRE = Preprocess(input_size=24, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.875)
+
+
+def test_cached_eval_equals_decoding_every_time(tiny_dataset, tmp_path):
+    make_image(tiny_dataset / "train" / "red" / "wide.png", (200, 30, 30), size=(90, 41), fmt="PNG")
+    samples = index_dataset(tiny_dataset).splits["train"].samples
+    images = build_or_open([p for p, _ in samples], scale_size(PRE), "bilinear", tmp_path / "c", workers=2)
+    cached = CachedImages(images, [t for _, t in samples], tensor_eval_transform(PRE))
+    plain = ImageFiles(samples, eval_transform(PRE), decode_size(PRE))
+    for i in range(len(samples)):
+        a, b = cached[i], plain[i]
+        assert a[1:] == b[1:]
+        assert torch.allclose(a[0], b[0], atol=1e-6), samples[i][0]
+
+
+def test_cache_is_reused_and_keyed_by_content(tiny_dataset, tmp_path):
+    paths = [p for p, _ in index_dataset(tiny_dataset).splits["test"].samples]
+    first = build_or_open(paths, 20, "bilinear", tmp_path / "c", workers=1)
+    mtime = first.path.stat().st_mtime_ns
+    again = build_or_open(paths, 20, "bilinear", tmp_path / "c", workers=1)
+    assert again.path == first.path and again.path.stat().st_mtime_ns == mtime
+    make_image(paths[0], (1, 2, 3), seed=1234)
+    changed = build_or_open(paths, 20, "bilinear", tmp_path / "c", workers=1)
+    assert changed.path != first.path
+    assert build_or_open(paths, 22, "bilinear", tmp_path / "c", workers=1).path != changed.path
+
+
+def test_memory_mapped_mode_and_bad_files(tiny_dataset, tmp_path):
+    bad = tiny_dataset / "test" / "red" / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not really")
+    paths = [p for p, _ in index_dataset(tiny_dataset).splits["test"].samples]
+    images = build_or_open(paths, 20, "bilinear", tmp_path / "c", mode="disk", workers=1)
+    assert not images.in_memory
+    broken = paths.index(bad)
+    assert images.get(broken) is None and images.errors[broken]
+    dataset = CachedImages(images, [0] * len(paths), tensor_train_transform(PRE, AugmentConfig()))
+    image, target, _, error = dataset[broken]
+    assert target == -1 and error and image.shape == (3, 24, 24)
+    image, target, _, error = dataset[(broken + 1) % len(paths)]
+    assert image.shape == (3, 24, 24) and image.dtype == torch.float32 and error == ""
