@@ -250,6 +250,55 @@ def evaluate(
         render.note(f"wrote {confusion_png}")
 
 
+@app.command()
+@handle_errors
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="Run folder (uses best/), checkpoint folder or weights file.")],
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders and glob patterns, mixed.")],
+    recursive: Annotated[bool, typer.Option(help="Descend into sub-folders of given folders.")] = True,
+    top_k: Annotated[int, typer.Option(min=1, max=100, help="How many classes to show per image.")] = 1,
+    min_confidence: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Below this top-1 probability the label is 'unknown'.")
+    ] = 0.0,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Stream results to .csv, .json or .jsonl.", show_default="not written"),
+    ] = None,
+    copy_to: Annotated[
+        Path | None, typer.Option(help="Copy each classified image into DIR/<label>/.", show_default="no copying")
+    ] = None,
+    move_to: Annotated[
+        Path | None, typer.Option(help="Move each classified image into DIR/<label>/.", show_default="no moving")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
+    workers: Annotated[int, typer.Option(min=0, help="Decoding worker processes.")] = 2,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda or cuda:N.", show_default="cuda if available, else cpu")
+    ] = None,
+    show: Annotated[int, typer.Option(min=0, help="Rows of the results table shown on the terminal.")] = 50,
+) -> None:
+    """Classify the images of files and folders: fast, batched, robust to bad files."""
+    from clothcli.predict import run_predict
+
+    rows: list = []
+    done = [0]
+    with render.progress_bar("classifying") as update:
+
+        def on_result(p) -> None:
+            done[0] += 1
+            if len(rows) < show:
+                rows.append(p)
+            update(done[0], None)
+
+        summary = run_predict(checkpoint, inputs, recursive, batch_size, workers, top_k, min_confidence,
+                              output, copy_to, move_to, device, on_result)
+    render.predictions(rows, summary, top_k)
+    if output:
+        render.note(f"wrote {output}")
+    if summary.classified == 0:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -278,3 +278,39 @@ def evaluation(report: dict, normalize: bool = False) -> None:
         warn(f"{len(report['unreadable'])} unreadable image(s) were not evaluated:")
         for item in report["unreadable"]:
             err_console.print(f"  {item['path']}: {item['reason']}", highlight=False)
+
+
+def predictions(rows: list, summary, top_k: int) -> None:
+    """Results table (first rows), then per-class counts, unreadable files and speed."""
+    if rows:
+        table = Table(title=f"Predictions (first {len(rows)} of {summary.total})"
+                      if summary.total > len(rows) else "Predictions")
+        table.add_column("path", overflow="fold")
+        table.add_column("class")
+        table.add_column("confidence", justify="right")
+        if top_k > 1:
+            table.add_column(f"top {top_k}")
+        for p in rows:
+            if p.error:
+                cells = [str(p.path), "[red]unreadable[/]", "", *([p.error] if top_k > 1 else [])]
+                if top_k == 1:
+                    cells[2] = ""
+                table.add_row(*cells)
+                continue
+            cells = [str(p.path), p.label, f"{p.confidence:.1%}"]
+            if top_k > 1:
+                cells.append(", ".join(f"{lab} {pr:.0%}" for lab, pr in zip(p.labels, p.probs)))
+            table.add_row(*cells)
+        console.print(table)
+    counts = Table(title="Images per predicted class")
+    counts.add_column("class")
+    counts.add_column("images", justify="right")
+    for label, n in sorted(summary.per_class.items(), key=lambda kv: -kv[1]):
+        counts.add_row(label, str(n))
+    console.print(counts)
+    if summary.errors:
+        warn(f"{len(summary.errors)} file(s) could not be read:")
+        for path, reason in summary.errors[:50]:
+            err_console.print(f"  {path}: {reason}", highlight=False)
+    note(f"{summary.classified} classified, {len(summary.errors)} unreadable, "
+         f"{summary.total} in {summary.seconds:.1f}s ({summary.images_per_s:.0f} images/s)")

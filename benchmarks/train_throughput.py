@@ -1,0 +1,174 @@
+"""Training throughput: clothcli's loop against a plain PyTorch pipeline, side by side in one run.
+
+The baseline is what a tutorial writes: torchvision ImageFolder + PIL + transforms +
+DataLoader(num_workers) + a hand-written fp32 loop. clothcli runs its own `train()` with the
+same model, batch size, augmentation and epochs; the decode cache is built before timing
+(its one-off cost is reported separately).
+
+    python benchmarks/train_throughput.py --data ../shared/datasets/clothing-dataset-small \\
+        --weights ../shared/weights/tf_mobilenetv3_small_100.in1k.safetensors --epochs 2
+    python benchmarks/train_throughput.py --tiny      # generated data, tiny model, a few steps (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from clothcli.config import load_config
+from clothcli.training import train
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and, separately counted, its largest worker."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + workers) / 1024
+
+
+def isolated(fn, *args) -> dict:
+    """Run one pipeline in a fresh process so its peak memory is its own."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measured, (fn, *args))
+
+
+def _measured(fn, *args) -> dict:
+    result = fn(*args)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def plain_baseline(data: Path, model_name: str, weights: str | None, size: int, batch: int, epochs: int,
+                   workers: int, max_steps: int | None) -> dict:
+    """The tutorial pipeline, timed the same way clothcli times itself (per epoch, waits measured)."""
+    torch.manual_seed(0)
+    tf = transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.25, 1.0)), transforms.RandomHorizontalFlip(),
+        transforms.ColorJitter(0.2, 0.2, 0.2), transforms.ToTensor(),
+        transforms.Normalize([0.5] * 3, [0.5] * 3),
+    ])
+    dataset = datasets.ImageFolder(str(data / "train"), transform=tf)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+    kwargs = {"pretrained_cfg_overlay": {"file": weights}, "pretrained": True} if weights else {}
+    model = timm.create_model(model_name, num_classes=len(dataset.classes), **kwargs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    images = 0
+    wait = 0.0
+    start = time.perf_counter()
+    for _ in range(epochs):
+        mark = time.perf_counter()
+        for step, (x, y) in enumerate(loader, 1):
+            wait += time.perf_counter() - mark
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            images += len(x)
+            mark = time.perf_counter()
+            if max_steps and step >= max_steps:
+                break
+    seconds = time.perf_counter() - start
+    return {"pipeline": "plain (ImageFolder+PIL, fp32)", "images_per_s": images / seconds,
+            "seconds_per_epoch": seconds / epochs, "data_wait": wait / seconds, "dtype": "fp32",
+            "memory_format": "contiguous"}
+
+
+def clothcli_run(data: Path, model_name: str, weights: str | None, size: int, batch: int, epochs: int,
+                 workers: int, cache: str, channels_last: bool, precision: str, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = [
+        f"data.root={data}", f"model.name={model_name}", f"preprocess.input_size={size}", f"train.batch_size={batch}",
+        f"train.epochs={epochs}", f"data.num_workers={workers}", f"data.cache={cache}",
+        f"train.channels_last={str(channels_last).lower()}", f"train.mixed_precision={precision}",
+        "augment.scale=[0.25, 1.0]", "augment.color_jitter=0.2", f"output_dir={out}", "schedule.name=cosine",
+        f"data.cache_dir={out.parent / 'cache'}",
+    ]
+    overrides.append(f"model.weights={weights}" if weights else "model.pretrained=false")
+    cfg = load_config(None, overrides)
+    started = time.perf_counter()
+    result = train(cfg)
+    total = time.perf_counter() - started
+    rows = [r for r in result.history if r["epoch"] != "swa"]
+    train_seconds = sum(r["seconds"] for r in rows)
+    images = sum(r["images_per_s"] * r["seconds"] for r in rows)
+    return {"pipeline": f"clothcli (cache={cache})", "images_per_s": images / train_seconds,
+            "seconds_per_epoch": train_seconds / len(rows),
+            "data_wait": sum(r["data_wait"] * r["seconds"] for r in rows) / train_seconds,
+            "dtype": precision if precision != "no" else "fp32",
+            "memory_format": "channels_last" if channels_last else "contiguous",
+            "wall_seconds_with_setup_and_validation": total}
+
+
+def make_tiny_dataset(root: Path) -> Path:
+    from PIL import Image
+
+    for split in ("train", "validation"):
+        for k, color in enumerate([(200, 30, 30), (30, 200, 30)]):
+            for i in range(16 if split == "train" else 4):
+                path = root / split / f"class{k}" / f"{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (48, 40), tuple(max(0, c - 5 * i) for c in color)).save(path)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--weights")
+    parser.add_argument("--model", default="tf_mobilenetv3_small_100")
+    parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/train_throughput.json"))
+    parser.add_argument("--tiny", action="store_true", help="generated data, tiny model (for CI)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        if args.tiny:
+            args.data, args.model, args.size, args.batch, args.epochs, args.workers, args.weights = (
+                make_tiny_dataset(out / "data"), "test_efficientnet", 32, 8, 1, 0, None)
+        if args.data is None:
+            parser.error("--data is required (or --tiny)")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        results = [isolated(plain_baseline, args.data, args.model, args.weights, args.size, args.batch,
+                            args.epochs, args.workers, None)]
+        # The decode cache is built before the first epoch; epoch timings exclude it and
+        # wall_seconds_with_setup_and_validation includes it.
+        for i, (cache, channels_last) in enumerate((("none", True), ("memory", False), ("memory", True))):
+            results.append(isolated(clothcli_run, args.data, args.model, args.weights, args.size, args.batch,
+                                    args.epochs, args.workers, cache, channels_last, "no", out / f"run{i}"))
+    base = results[0]["images_per_s"]
+    table = Table(title=f"Training throughput — {args.model} @ {args.size}px, batch {args.batch}, {device}")
+    for col in ("pipeline", "device", "dtype", "memory format", "images/s", "ratio", "data wait", "peak RSS MB"):
+        table.add_column(col)
+    for r in results:
+        r["device"] = device
+        r["ratio"] = r["images_per_s"] / base
+        table.add_row(r["pipeline"], device, r["dtype"], r["memory_format"], f"{r['images_per_s']:.1f}",
+                      f"{r['ratio']:.2f}x", f"{r['data_wait']:.0%}", f"{r['peak_rss_mb']:.0f}")
+    Console().print(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                    indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

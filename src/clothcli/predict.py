@@ -1,0 +1,274 @@
+"""`predict`: classify the images of files, folders and glob patterns, streaming the results.
+
+Decoding runs in DataLoader workers (JPEGs much larger than the input are decoded at reduced
+size), the model runs batched under inference_mode in channels_last, with bf16 autocast on
+CPUs that do bf16 natively. A file that cannot be read is a result with an error, never an abort.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from clothcli.checkpoint import load_checkpoint
+from clothcli.data.layout import is_hidden, is_image_name
+from clothcli.data.loading import ImageFiles, decode_size, eval_transform, make_loader
+from clothcli.errors import UserError
+from clothcli.models import Preprocess, cpu_supports_bf16
+
+UNKNOWN = "unknown"
+
+
+@dataclass
+class Inputs:
+    files: list[Path]
+    missing: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+
+def collect_inputs(items: list[str], recursive: bool = True) -> Inputs:
+    """Files, folders and glob patterns -> sorted unique files (symlink loops followed once)."""
+    found: dict[str, Path] = {}
+    out = Inputs(files=[])
+
+    def add(path: Path) -> None:
+        found.setdefault(os.path.realpath(path), path)
+
+    def walk(folder: Path) -> None:
+        seen_dirs: set[str] = set()
+        for current, dirs, files in os.walk(folder, followlinks=True):
+            real = os.path.realpath(current)
+            if real in seen_dirs:
+                dirs[:] = []
+                continue
+            seen_dirs.add(real)
+            dirs[:] = sorted(d for d in dirs if not is_hidden(d)) if recursive else []
+            for name in files:
+                if is_hidden(name) or not is_image_name(name):
+                    out.skipped += 1
+                    continue
+                path = Path(current) / name
+                if path.exists():
+                    add(path)
+
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            walk(path)
+        elif path.is_file():
+            add(path)
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                out.missing.append(item)
+            for match in matches:
+                m = Path(match)
+                if m.is_dir():
+                    walk(m)
+                elif m.is_file() and is_image_name(m.name) and not is_hidden(m.name):
+                    add(m)
+        else:
+            out.missing.append(item)
+    out.files = sorted(found.values(), key=lambda p: str(p))
+    return out
+
+
+@dataclass
+class Prediction:
+    path: Path
+    labels: list[str]
+    probs: list[float]
+    error: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.labels[0] if self.labels else ""
+
+    @property
+    def confidence(self) -> float:
+        return self.probs[0] if self.probs else 0.0
+
+
+def predict_files(
+    checkpoint: str | Path,
+    files: list[Path],
+    batch_size: int = 64,
+    workers: int = 2,
+    top_k: int = 1,
+    min_confidence: float = 0.0,
+    device: str | None = None,
+) -> Iterator[Prediction]:
+    """Yield one Prediction per file, in the order of `files`."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA device is available")
+    model, meta = load_checkpoint(checkpoint, device)
+    classes: list[str] = meta["classes"]
+    top_k = min(top_k, len(classes))
+    pre = Preprocess.from_dict(meta["preprocess"])
+    model = model.to(memory_format=torch.channels_last)
+    dataset = ImageFiles([(p, 0) for p in files], eval_transform(pre), decode_size(pre))
+    loader = make_loader(dataset, batch_size, workers)
+    use_bf16 = device.startswith("cuda") or cpu_supports_bf16()
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    with torch.inference_mode():
+        for images, targets, indices, errors in loader:
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(images)
+            probs = logits.float().softmax(1)
+            top_p, top_i = probs.topk(top_k, dim=1)
+            for row, (index, error) in enumerate(zip(indices.tolist(), errors)):
+                path = files[index]
+                if error or targets[row] < 0:
+                    yield Prediction(path, [], [], error or "unreadable")
+                    continue
+                labels = [classes[i] for i in top_i[row].tolist()]
+                values = top_p[row].tolist()
+                if values[0] < min_confidence:
+                    labels[0] = UNKNOWN
+                yield Prediction(path, labels, values)
+
+
+class ResultWriter:
+    """Streams predictions to CSV, JSON or JSONL (by extension) as they arrive."""
+
+    def __init__(self, path: Path, top_k: int):
+        self.path = path
+        self.kind = path.suffix.lower().lstrip(".")
+        if self.kind not in ("csv", "json", "jsonl"):
+            raise UserError(f"--output must end in .csv, .json or .jsonl, got '{path.name}'")
+        self.top_k = top_k
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh: TextIO = open(path, "w", encoding="utf-8", newline="")  # noqa: SIM115 (closed in close())
+        self.count = 0
+        if self.kind == "csv":
+            header = ["path", "label", "confidence"]
+            for k in range(2, top_k + 1):
+                header += [f"label_{k}", f"confidence_{k}"]
+            self.csv = csv.writer(self.fh)
+            self.csv.writerow([*header, "error"])
+        elif self.kind == "json":
+            self.fh.write("[\n")
+
+    def write(self, p: Prediction) -> None:
+        if self.kind == "csv":
+            row: list[Any] = [str(p.path)]
+            for k in range(self.top_k):
+                row += ([p.labels[k], f"{p.probs[k]:.6f}"] if k < len(p.labels) else ["", ""])
+            self.csv.writerow([*row, p.error])
+        else:
+            record = {"path": str(p.path), "label": p.label or None,
+                      "top_k": [{"label": lab, "probability": round(pr, 6)} for lab, pr in zip(p.labels, p.probs)],
+                      "error": p.error or None}
+            text = json.dumps(record, ensure_ascii=False)
+            if self.kind == "json":
+                text = ("  " if self.count == 0 else ",\n  ") + text
+            else:
+                text += "\n"
+            self.fh.write(text)
+        self.fh.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        if self.kind == "json":
+            self.fh.write("\n]\n")
+        self.fh.close()
+
+
+def unique_destination(folder: Path, name: str) -> Path:
+    """folder/name, or folder/stem-1.ext, -2 ... : never an existing file."""
+    target = folder / name
+    stem, suffix = os.path.splitext(name)
+    n = 1
+    while target.exists() or target.is_symlink():
+        target = folder / f"{stem}-{n}{suffix}"
+        n += 1
+    return target
+
+
+def sort_file(p: Prediction, root: Path, move: bool) -> Path | None:
+    """Copy or move a classified file into root/<label>/; unreadable files stay where they are."""
+    if p.error or not p.label:
+        return None
+    folder = root / p.label
+    folder.mkdir(parents=True, exist_ok=True)
+    target = unique_destination(folder, p.path.name)
+    if move:
+        shutil.move(str(p.path), str(target))
+    else:
+        shutil.copy2(p.path, target)
+    return target
+
+
+@dataclass
+class PredictSummary:
+    total: int = 0
+    classified: int = 0
+    per_class: Counter = field(default_factory=Counter)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    model_seconds_start: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.total / self.seconds if self.seconds else 0.0
+
+
+def run_predict(
+    checkpoint: str | Path,
+    inputs: list[str],
+    recursive: bool = True,
+    batch_size: int = 64,
+    workers: int = 2,
+    top_k: int = 1,
+    min_confidence: float = 0.0,
+    output: Path | None = None,
+    copy_to: Path | None = None,
+    move_to: Path | None = None,
+    device: str | None = None,
+    on_result: Callable[[Prediction], None] | None = None,
+) -> PredictSummary:
+    """Classify everything `inputs` names; stream to `output`; sort into folders if asked."""
+    if copy_to and move_to:
+        raise UserError("use either --copy-to or --move-to, not both")
+    if not 0.0 <= min_confidence <= 1.0:
+        raise UserError(f"--min-confidence must be between 0 and 1, got {min_confidence}")
+    found = collect_inputs(inputs, recursive)
+    if found.missing:
+        raise UserError(f"not found: {', '.join(found.missing)}")
+    if not found.files:
+        raise UserError("no image files found in: " + ", ".join(inputs))
+    summary = PredictSummary()
+    start = time.perf_counter()
+    writer = ResultWriter(output, top_k) if output else None
+    try:
+        for p in predict_files(checkpoint, found.files, batch_size, workers, top_k, min_confidence, device):
+            summary.total += 1
+            if p.error:
+                summary.errors.append((str(p.path), p.error))
+            else:
+                summary.classified += 1
+                summary.per_class[p.label] += 1
+            if writer:
+                writer.write(p)
+            if copy_to or move_to:
+                sort_file(p, Path(copy_to or move_to), move=bool(move_to))
+            if on_result:
+                on_result(p)
+    finally:
+        if writer:
+            writer.close()
+        summary.seconds = time.perf_counter() - start
+    return summary

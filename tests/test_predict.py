@@ -1,0 +1,173 @@
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import COLORS, make_dataset, make_image
+from PIL import Image
+from typer.testing import CliRunner
+
+from clothcli.cli import app
+from clothcli.config import load_config
+from clothcli.data.images import ImageReadError, load_rgb
+from clothcli.predict import collect_inputs, run_predict
+from clothcli.training import train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pred")
+    data = make_dataset(root / "data", {"train": 8, "validation": 2})
+    cfg = load_config(None, ["model.name=test_efficientnet", "model.pretrained=false", "preprocess.input_size=32",
+                             "train.batch_size=8", "data.num_workers=0", "train.mixed_precision=no",
+                             "train.epochs=4", "optim.lr=0.05", f"data.root={data}", f"output_dir={root / 'runs'}",
+                             f"data.cache_dir={root / 'cache'}"])
+    return train(cfg).run_dir
+
+
+def every_kind(folder: Path) -> dict[str, Path]:
+    """One file of each kind a phone or the web produces, plus the broken ones."""
+    red = COLORS["red"]
+    folder.mkdir(parents=True, exist_ok=True)
+    base = Image.new("RGB", (60, 40), red)
+    files = {}
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    files["exif"] = folder / "exif.jpg"
+    base.save(files["exif"], exif=exif)
+    files["rgba"] = folder / "alpha.png"
+    Image.new("RGBA", (30, 30), (*red, 128)).save(files["rgba"])
+    files["palette"] = folder / "pal.png"
+    base.convert("P").save(files["palette"])
+    files["16bit"] = folder / "deep.png"
+    Image.new("I;16", (30, 30), 40000).save(files["16bit"])
+    files["gray"] = folder / "gray.jpg"
+    base.convert("L").save(files["gray"])
+    files["cmyk"] = folder / "cmyk.jpg"
+    base.convert("CMYK").save(files["cmyk"])
+    files["webp"] = folder / "web.webp"
+    base.save(files["webp"])
+    files["bmp"] = folder / "bitmap.bmp"
+    base.save(files["bmp"])
+    files["tiff"] = folder / "scan.tiff"
+    base.save(files["tiff"])
+    files["gif"] = folder / "anim.gif"
+    base.save(files["gif"], save_all=True, append_images=[Image.new("RGB", (60, 40), (0, 0, 255))])
+    files["upper"] = make_image(folder / "UPPER.JPEG", red)
+    files["unicode"] = make_image(folder / "chemise_été_シャツ.jpg", red)
+    files["large"] = make_image(folder / "large.jpg", red, size=(2400, 1800))
+    files["zero"] = folder / "zero.jpg"
+    files["zero"].write_bytes(b"")
+    files["text"] = folder / "note.png"
+    files["text"].write_text("this is not a png")
+    good = make_image(folder / "tmp.jpg", red, size=(200, 200)).read_bytes()
+    (folder / "tmp.jpg").unlink()
+    files["truncated"] = folder / "truncated.jpg"
+    files["truncated"].write_bytes(good[: len(good) // 3])
+    return files
+
+
+BROKEN = {"zero", "text", "truncated"}
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    files = every_kind(tmp_path)
+    assert load_rgb(files["exif"]).size == (40, 60)
+    for kind in set(files) - BROKEN:
+        assert load_rgb(files[kind]).mode == "RGB", kind
+    assert load_rgb(files["16bit"]).getpixel((0, 0))[0] > 100  # scaled, not clipped to white or black
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = make_image(tmp_path / "bomb.png", (1, 2, 3), size=(100, 100), fmt="PNG")
+    with pytest.raises(ImageReadError, match="decompression bomb"):
+        load_rgb(path)
+
+
+def test_every_kind_is_classified_and_broken_ones_reported(checkpoint, tmp_path):
+    files = every_kind(tmp_path / "in")
+    out = tmp_path / "out.csv"
+    summary = run_predict(checkpoint, [str(tmp_path / "in")], output=out, workers=2, batch_size=4)
+    assert summary.total == len(files)
+    assert summary.classified == len(files) - len(BROKEN)
+    reasons = {Path(p).name: r for p, r in summary.errors}
+    assert set(reasons) == {files[k].name for k in BROKEN}
+    assert "0 bytes" in reasons["zero.jpg"] and "not an image" in reasons["note.png"]
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)
+    assert len(rows) == len(files)
+    assert all(r["error"] for r in rows if Path(r["path"]).name in reasons)
+    assert sum(r["label"] == "red" for r in rows) >= 10
+
+
+def test_inputs_nested_hidden_globs_and_symlink_loops(tmp_path):
+    root = tmp_path / "tree"
+    a = make_image(root / "a.jpg", (1, 1, 1))
+    b = make_image(root / "sub" / "deeper" / "b.PNG", (1, 1, 1), fmt="PNG")
+    make_image(root / ".hidden" / "c.jpg", (1, 1, 1))
+    make_image(root / ".dot.jpg", (1, 1, 1))
+    (root / "readme.txt").write_text("x")
+    os.symlink(root, root / "sub" / "loop")
+    os.symlink(a, root / "sub" / "link_to_a.jpg")
+    found = collect_inputs([str(root)])
+    assert [p.name for p in found.files] == ["a.jpg", "b.PNG"]
+    assert collect_inputs([str(root)], recursive=False).files == [a]
+    assert collect_inputs([str(root / "**" / "*.PNG")]).files == [b]
+    assert collect_inputs([str(a), str(root)]).files == found.files
+    assert collect_inputs([str(tmp_path / "nope")]).missing
+
+
+def test_json_jsonl_topk_and_unknown(checkpoint, tmp_path):
+    files = [make_image(tmp_path / "in" / f"{i}.jpg", COLORS["green"], seed=i) for i in range(5)]
+    for ext in ("json", "jsonl"):
+        out = tmp_path / f"r.{ext}"
+        run_predict(checkpoint, [str(tmp_path / "in")], output=out, top_k=3, min_confidence=0.999, workers=0)
+        text = out.read_text()
+        records = json.loads(text) if ext == "json" else [json.loads(line) for line in text.splitlines()]
+        assert len(records) == len(files)
+        assert all(len(r["top_k"]) == 3 for r in records)
+        probs = [t["probability"] for t in records[0]["top_k"]]
+        assert probs == sorted(probs, reverse=True)
+        assert all(r["label"] == "unknown" for r in records if r["top_k"][0]["probability"] < 0.999)
+
+
+def test_copy_and_move_never_overwrite_or_lose(checkpoint, tmp_path):
+    src = tmp_path / "src"
+    make_image(src / "one" / "x.jpg", COLORS["red"], seed=1)
+    make_image(src / "two" / "x.jpg", COLORS["red"], seed=2)
+    (src / "bad.jpg").write_bytes(b"")
+    dest = tmp_path / "sorted"
+    run_predict(checkpoint, [str(src)], copy_to=dest, workers=0)
+    copied = sorted(p.name for p in dest.rglob("*.jpg"))
+    assert copied == ["x-1.jpg", "x.jpg"]
+    assert (src / "one" / "x.jpg").exists()
+    before = sorted(p.read_bytes() for p in dest.rglob("*.jpg"))
+    summary = run_predict(checkpoint, [str(src)], move_to=dest, workers=0)
+    assert summary.classified == 2
+    assert sorted(p.name for p in dest.rglob("*.jpg")) == ["x-1.jpg", "x-2.jpg", "x-3.jpg", "x.jpg"]
+    assert not (src / "one" / "x.jpg").exists() and (src / "bad.jpg").exists()
+    after = sorted(p.read_bytes() for p in dest.rglob("*.jpg"))
+    assert all(b in after for b in before)
+
+
+def test_cli_exit_codes(checkpoint, tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "b.jpg").write_bytes(b"nope")
+    result = runner.invoke(app, ["predict", str(checkpoint), str(tmp_path / "bad"), "--workers", "0"])
+    assert result.exit_code == 1 and "unreadable" in result.output
+    make_image(tmp_path / "bad" / "ok.jpg", COLORS["blue"])
+    result = runner.invoke(app, ["predict", str(checkpoint), str(tmp_path / "bad"), "--workers", "0", "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert "1 classified, 1 unreadable" in result.output
+    for args in (["predict", str(tmp_path / "nockpt"), str(tmp_path / "bad")],
+                 ["predict", str(checkpoint), str(tmp_path / "missing")],
+                 ["predict", str(checkpoint), str(tmp_path / "bad"), "-o", str(tmp_path / "r.xml")],
+                 ["predict", str(checkpoint), str(tmp_path / "bad"), "--min-confidence", "2"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Traceback" not in result.output
