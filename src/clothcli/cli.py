@@ -299,6 +299,43 @@ def predict(
         raise typer.Exit(1)
 
 
+MODEL_HELP = "timm name, torchvision:NAME, a config YAML, or a checkpoint (run folder, best/, model.safetensors)."
+
+
+@app.command()
+@handle_errors
+def flops(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    input_size: Annotated[
+        int | None, typer.Option(min=8, max=4096, help="Square input side in pixels.", show_default="the model's")
+    ] = None,
+    depth: Annotated[int, typer.Option(min=0, max=10, help="Module depth of the per-layer table.")] = 2,
+    latency: Annotated[bool, typer.Option(help="Measure ms per image at batch 1 and at --batch.")] = True,
+    batch: Annotated[int, typer.Option(min=1, max=1024, help="Larger batch for the latency measurement.")] = 32,
+    device: Annotated[
+        str | None, typer.Option(help="Device for the latency measurement.", show_default="cuda if available, else cpu")
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write everything as JSON.", show_default="not written")
+    ] = None,
+) -> None:
+    """Per-layer MACs and parameters (thop), totals that agree with published figures, latency."""
+    import torch
+
+    from clothcli.analysis.flops import count, measure_latency
+    from clothcli.analysis.model_source import load_model_spec
+
+    spec = load_model_spec(model, input_size)
+    report = count(spec.model, spec.input_size, depth, spec.description)
+    if latency:
+        report.latency = measure_latency(spec.model, spec.input_size, batch,
+                                         device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    render.flops(report)
+    if json_path:
+        write_json(json_path, report.to_dict())
+        render.note(f"wrote {json_path}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

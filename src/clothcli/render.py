@@ -314,3 +314,42 @@ def predictions(rows: list, summary, top_k: int) -> None:
             err_console.print(f"  {path}: {reason}", highlight=False)
     note(f"{summary.classified} classified, {len(summary.errors)} unreadable, "
          f"{summary.total} in {summary.seconds:.1f}s ({summary.images_per_s:.0f} images/s)")
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return f"{n:.0f}"
+
+
+def flops(report) -> None:
+    """Per-layer table, totals and the conventions behind them."""
+    c, h, w = report.input_size
+    table = Table(title=f"{report.model} — {c}x{h}x{w}, per layer")
+    for col, justify in (("layer", "left"), ("type", "left"), ("output", "left"), ("MACs", "right"),
+                         ("params", "right"), ("share", "right")):
+        table.add_column(col, justify=justify)
+    for row in report.layers:
+        indent = "  " * row.name.count(".")
+        shape = "x".join(str(v) for v in row.output_shape[1:]) if row.output_shape else "-"
+        table.add_row(indent + row.name, row.type, shape, _si(row.macs), _si(row.params), f"{row.share:.1%}")
+    console.print(table)
+    totals = Table(title="Totals", show_header=False)
+    totals.add_column("what")
+    totals.add_column("value", justify="right")
+    totals.add_row("MACs (conv + linear + attention matmuls)", f"{report.macs / 1e9:.3f} G")
+    totals.add_row("  of which thop conv + linear", f"{report.thop_macs / 1e9:.3f} G")
+    totals.add_row("  of which attention matmuls", f"{report.attention_macs / 1e9:.3f} G")
+    totals.add_row("FLOPs = 2 x MACs", f"{2 * report.macs / 1e9:.3f} G")
+    totals.add_row("FlopCounterMode FLOPs (cross-check)", f"{report.flop_counter_flops / 1e9:.3f} G")
+    totals.add_row("complete FLOPs (+ norm, activations, elementwise, pooling)", f"{report.flops_complete / 1e9:.3f} G")
+    totals.add_row("parameters", f"{report.params / 1e6:.3f} M")
+    totals.add_row("model size (fp32 params + buffers)", f"{report.size_mb:.2f} MB")
+    for key, value in report.latency.items():
+        totals.add_row(key.replace("_", " "), f"{value:.2f} ms")
+    console.print(totals)
+    console.print("[dim]MACs follow torchvision's published convention (weights.meta['_ops']): conv and linear "
+                  "multiply-accumulates, bias excluded, plus attention matrix products. Complete FLOPs: 2 per MAC, "
+                  "1 per element for elementwise ops and activations, 2 for normalisation, 1 per input element for "
+                  "pooling/reductions, 3 for softmax.[/]")
