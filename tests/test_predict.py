@@ -21,10 +21,22 @@ runner = CliRunner()
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("pred")
     data = make_dataset(root / "data", {"train": 8, "validation": 2})
-    cfg = load_config(None, ["model.name=test_efficientnet", "model.pretrained=false", "preprocess.input_size=32",
-                             "train.batch_size=8", "data.num_workers=0", "train.mixed_precision=no",
-                             "train.epochs=4", "optim.lr=0.05", f"data.root={data}", f"output_dir={root / 'runs'}",
-                             f"data.cache_dir={root / 'cache'}"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=test_efficientnet",
+            "model.pretrained=false",
+            "preprocess.input_size=32",
+            "train.batch_size=8",
+            "data.num_workers=0",
+            "train.mixed_precision=no",
+            "train.epochs=4",
+            "optim.lr=0.05",
+            f"data.root={data}",
+            f"output_dir={root / 'runs'}",
+            f"data.cache_dir={root / 'cache'}",
+        ],
+    )
     return train(cfg).run_dir
 
 
@@ -164,10 +176,12 @@ def test_cli_exit_codes(checkpoint, tmp_path):
     result = runner.invoke(app, ["predict", str(checkpoint), str(tmp_path / "bad"), "--workers", "0", "--top-k", "2"])
     assert result.exit_code == 0, result.output
     assert "1 classified, 1 unreadable" in result.output
-    for args in (["predict", str(tmp_path / "nockpt"), str(tmp_path / "bad")],
-                 ["predict", str(checkpoint), str(tmp_path / "missing")],
-                 ["predict", str(checkpoint), str(tmp_path / "bad"), "-o", str(tmp_path / "r.xml")],
-                 ["predict", str(checkpoint), str(tmp_path / "bad"), "--min-confidence", "2"]):
+    for args in (
+        ["predict", str(tmp_path / "nockpt"), str(tmp_path / "bad")],
+        ["predict", str(checkpoint), str(tmp_path / "missing")],
+        ["predict", str(checkpoint), str(tmp_path / "bad"), "-o", str(tmp_path / "r.xml")],
+        ["predict", str(checkpoint), str(tmp_path / "bad"), "--min-confidence", "2"],
+    ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert "Traceback" not in result.output

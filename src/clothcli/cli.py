@@ -290,8 +290,20 @@ def predict(
                 rows.append(p)
             update(done[0], None)
 
-        summary = run_predict(checkpoint, inputs, recursive, batch_size, workers, top_k, min_confidence,
-                              output, copy_to, move_to, device, on_result)
+        summary = run_predict(
+            checkpoint,
+            inputs,
+            recursive,
+            batch_size,
+            workers,
+            top_k,
+            min_confidence,
+            output,
+            copy_to,
+            move_to,
+            device,
+            on_result,
+        )
     render.predictions(rows, summary, top_k)
     if output:
         render.note(f"wrote {output}")
@@ -328,11 +340,41 @@ def flops(
     spec = load_model_spec(model, input_size)
     report = count(spec.model, spec.input_size, depth, spec.description)
     if latency:
-        report.latency = measure_latency(spec.model, spec.input_size, batch,
-                                         device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        report.latency = measure_latency(
+            spec.model, spec.input_size, batch, device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
     render.flops(report)
     if json_path:
         write_json(json_path, report.to_dict())
+        render.note(f"wrote {json_path}")
+
+
+@app.command()
+@handle_errors
+def rf(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    input_size: Annotated[
+        int | None, typer.Option(min=8, max=4096, help="Square input side in pixels.", show_default="the model's")
+    ] = None,
+    depth: Annotated[int, typer.Option(min=1, max=10, help="Module depth of the per-layer table.")] = 2,
+    verify: Annotated[
+        bool, typer.Option(help="Check the overall field against the input gradient of the centre unit.")
+    ] = False,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write everything as JSON.", show_default="not written")
+    ] = None,
+) -> None:
+    """Receptive field, effective stride and padding per layer; correct for branches and global context."""
+    from clothcli.analysis.model_source import load_model_spec
+    from clothcli.analysis.rf import trace as trace_rf
+    from clothcli.analysis.rf import verify_output
+
+    spec = load_model_spec(model, input_size)
+    report = trace_rf(spec.model, spec.input_size, spec.description)
+    check = verify_output(spec.model, report) if verify else None
+    render.receptive_fields(report, depth, check)
+    if json_path:
+        write_json(json_path, {**report.to_dict(), "verify": check})
         render.note(f"wrote {json_path}")
 
 

@@ -166,12 +166,15 @@ class ResultWriter:
         if self.kind == "csv":
             row: list[Any] = [str(p.path)]
             for k in range(self.top_k):
-                row += ([p.labels[k], f"{p.probs[k]:.6f}"] if k < len(p.labels) else ["", ""])
+                row += [p.labels[k], f"{p.probs[k]:.6f}"] if k < len(p.labels) else ["", ""]
             self.csv.writerow([*row, p.error])
         else:
-            record = {"path": str(p.path), "label": p.label or None,
-                      "top_k": [{"label": lab, "probability": round(pr, 6)} for lab, pr in zip(p.labels, p.probs)],
-                      "error": p.error or None}
+            record = {
+                "path": str(p.path),
+                "label": p.label or None,
+                "top_k": [{"label": lab, "probability": round(pr, 6)} for lab, pr in zip(p.labels, p.probs)],
+                "error": p.error or None,
+            }
             text = json.dumps(record, ensure_ascii=False)
             if self.kind == "json":
                 text = ("  " if self.count == 0 else ",\n  ") + text

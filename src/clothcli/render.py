@@ -283,8 +283,9 @@ def evaluation(report: dict, normalize: bool = False) -> None:
 def predictions(rows: list, summary, top_k: int) -> None:
     """Results table (first rows), then per-class counts, unreadable files and speed."""
     if rows:
-        table = Table(title=f"Predictions (first {len(rows)} of {summary.total})"
-                      if summary.total > len(rows) else "Predictions")
+        table = Table(
+            title=f"Predictions (first {len(rows)} of {summary.total})" if summary.total > len(rows) else "Predictions"
+        )
         table.add_column("path", overflow="fold")
         table.add_column("class")
         table.add_column("confidence", justify="right")
@@ -312,8 +313,10 @@ def predictions(rows: list, summary, top_k: int) -> None:
         warn(f"{len(summary.errors)} file(s) could not be read:")
         for path, reason in summary.errors[:50]:
             err_console.print(f"  {path}: {reason}", highlight=False)
-    note(f"{summary.classified} classified, {len(summary.errors)} unreadable, "
-         f"{summary.total} in {summary.seconds:.1f}s ({summary.images_per_s:.0f} images/s)")
+    note(
+        f"{summary.classified} classified, {len(summary.errors)} unreadable, "
+        f"{summary.total} in {summary.seconds:.1f}s ({summary.images_per_s:.0f} images/s)"
+    )
 
 
 def _si(n: float) -> str:
@@ -327,8 +330,14 @@ def flops(report) -> None:
     """Per-layer table, totals and the conventions behind them."""
     c, h, w = report.input_size
     table = Table(title=f"{report.model} — {c}x{h}x{w}, per layer")
-    for col, justify in (("layer", "left"), ("type", "left"), ("output", "left"), ("MACs", "right"),
-                         ("params", "right"), ("share", "right")):
+    for col, justify in (
+        ("layer", "left"),
+        ("type", "left"),
+        ("output", "left"),
+        ("MACs", "right"),
+        ("params", "right"),
+        ("share", "right"),
+    ):
         table.add_column(col, justify=justify)
     for row in report.layers:
         indent = "  " * row.name.count(".")
@@ -349,7 +358,67 @@ def flops(report) -> None:
     for key, value in report.latency.items():
         totals.add_row(key.replace("_", " "), f"{value:.2f} ms")
     console.print(totals)
-    console.print("[dim]MACs follow torchvision's published convention (weights.meta['_ops']): conv and linear "
-                  "multiply-accumulates, bias excluded, plus attention matrix products. Complete FLOPs: 2 per MAC, "
-                  "1 per element for elementwise ops and activations, 2 for normalisation, 1 per input element for "
-                  "pooling/reductions, 3 for softmax.[/]")
+    console.print(
+        "[dim]MACs follow torchvision's published convention (weights.meta['_ops']): conv and linear "
+        "multiply-accumulates, bias excluded, plus attention matrix products. Complete FLOPs: 2 per MAC, "
+        "1 per element for elementwise ops and activations, 2 for normalisation, 1 per input element for "
+        "pooling/reductions, 3 for softmax.[/]"
+    )
+
+
+def receptive_fields(report, depth: int, check: dict | None) -> None:
+    """Per-layer receptive fields, the overall field, merges and the optional empirical check."""
+    c, h, w = report.input_size
+    table = Table(title=f"{report.model} — receptive fields at {c}x{h}x{w}")
+    for col in ("layer", "type", "output", "RF (h x w)", "stride", "eff. padding", "global context"):
+        table.add_column(col)
+
+    def pair(v, fmt="{:g}") -> str:
+        if v is None:
+            return "-"
+        return fmt.format(v[0]) if v[0] == v[1] else f"{fmt.format(v[0])} x {fmt.format(v[1])}"
+
+    for row in report.layers:
+        if row.name.count(".") >= depth:
+            continue
+        shape = "x".join(str(v) for v in row.output_shape[1:]) or "-"
+        table.add_row(
+            "  " * row.name.count(".") + row.name,
+            row.type,
+            shape,
+            pair(row.rf),
+            pair(row.stride),
+            pair(row.padding),
+            f"global from {row.global_from}" if row.global_from else "",
+        )
+    console.print(table)
+    out = report.output
+    if out is not None:
+        console.print(
+            f"Overall (last feature map, [bold]{out.name}[/]): receptive field [bold]{pair(out.rf)} px[/], "
+            f"effective stride {pair(out.stride)}, effective padding {pair(out.padding)}",
+            highlight=False,
+        )
+        if out.global_from:
+            console.print(
+                f"Global context from [bold]{out.global_from}[/] on: every unit after it sees the whole "
+                f"input; the field above is the local one, with those global branches ignored.",
+                highlight=False,
+            )
+    console.print(
+        f"{len(report.merges)} merges (add/multiply/concatenate); "
+        + ("[green]all aligned[/]" if not report.misaligned else f"[red]{len(report.misaligned)} misaligned[/]")
+    )
+    for merge in report.misaligned:
+        warn(f"misaligned {merge.op} in {merge.layer}: {merge.detail}")
+    for item in report.unsupported:
+        warn(f"approximated: {item}")
+    if check is not None:
+        colour = "green" if check["match"] else "red"
+        console.print(
+            f"[{colour}]verify[/]: centre unit {tuple(check['unit'])} of {check['layer']} at input "
+            f"{check['input_size'][1]}px — gradient spans rows {tuple(check['empirical'][0])}, cols "
+            f"{tuple(check['empirical'][1])}; analytic rows {tuple(check['analytic'][0])}, cols "
+            f"{tuple(check['analytic'][1])}: {'match' if check['match'] else 'MISMATCH'}",
+            highlight=False,
+        )

@@ -28,16 +28,76 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from torch.utils.module_tracker import ModuleTracker
 
-MATMUL_OPS = {"convolution", "mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_efficient_attention",
-              "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention", "convolution_backward"}
-ELEMENTWISE_1 = {"add", "sub", "mul", "div", "relu", "relu6", "hardtanh", "hardswish", "hardsigmoid", "sigmoid",
-                 "silu", "gelu", "tanh", "leaky_relu", "elu", "clamp", "clamp_min", "clamp_max", "exp", "rsqrt",
-                 "sqrt", "pow", "neg", "abs", "where", "maximum", "minimum", "erf", "log", "reciprocal", "mish",
-                 "softplus", "addcmul", "lerp"}
-NORMS = {"native_batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
-         "native_layer_norm", "native_group_norm", "batch_norm"}
-POOL_REDUCE = {"mean", "sum", "amax", "max_pool2d_with_indices", "avg_pool2d", "_adaptive_avg_pool2d",
-               "adaptive_max_pool2d", "max_pool2d", "adaptive_avg_pool2d", "std", "var", "var_mean", "logsumexp"}
+MATMUL_OPS = {
+    "convolution",
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "convolution_backward",
+}
+ELEMENTWISE_1 = {
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "relu",
+    "relu6",
+    "hardtanh",
+    "hardswish",
+    "hardsigmoid",
+    "sigmoid",
+    "silu",
+    "gelu",
+    "tanh",
+    "leaky_relu",
+    "elu",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "exp",
+    "rsqrt",
+    "sqrt",
+    "pow",
+    "neg",
+    "abs",
+    "where",
+    "maximum",
+    "minimum",
+    "erf",
+    "log",
+    "reciprocal",
+    "mish",
+    "softplus",
+    "addcmul",
+    "lerp",
+}
+NORMS = {
+    "native_batch_norm",
+    "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit",
+    "native_layer_norm",
+    "native_group_norm",
+    "batch_norm",
+}
+POOL_REDUCE = {
+    "mean",
+    "sum",
+    "amax",
+    "max_pool2d_with_indices",
+    "avg_pool2d",
+    "_adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
+    "max_pool2d",
+    "adaptive_avg_pool2d",
+    "std",
+    "var",
+    "var_mean",
+    "logsumexp",
+}
 SOFTMAX = {"_softmax", "softmax", "_log_softmax"}
 
 
@@ -172,14 +232,17 @@ def count(model: nn.Module, input_size: tuple[int, int, int], depth: int = 2, na
     named = dict(model.named_modules())
     for module_name, module in named.items():
         if module_name and module_name.count(".") < depth:
+
             def hook(mod, inp, out, module_name=module_name):
                 first = out[0] if isinstance(out, (tuple, list)) else out
                 if isinstance(first, torch.Tensor):
                     shapes[module_name] = list(first.shape)
+
             handles.append(module.register_forward_hook(hook))
     try:
-        total_thop, _, tree = thop.profile(model, inputs=(x,), custom_ops=thop_rules(model), verbose=False,
-                                           ret_layer_info=True)
+        total_thop, _, tree = thop.profile(
+            model, inputs=(x,), custom_ops=thop_rules(model), verbose=False, ret_layer_info=True
+        )
     finally:
         for h in handles:
             h.remove()
@@ -196,12 +259,20 @@ def count(model: nn.Module, input_size: tuple[int, int, int], depth: int = 2, na
     dispatch_macs = counter.macs.get(root, 0.0)
     attention = max(0.0, dispatch_macs - total_thop)
     params = sum(p.numel() for p in model.parameters())
-    size_mb = (sum(p.numel() * p.element_size() for p in model.parameters())
-               + sum(b.numel() * b.element_size() for b in model.buffers())) / 2**20
+    size_mb = (
+        sum(p.numel() * p.element_size() for p in model.parameters())
+        + sum(b.numel() * b.element_size() for b in model.buffers())
+    ) / 2**20
     report = FlopsReport(
-        model=name or root, input_size=tuple(input_size), macs=total_thop + attention, thop_macs=total_thop,
-        attention_macs=attention, flop_counter_flops=float(flop_mode.get_total_flops()),
-        flops_complete=counter.flops.get(root, 0.0), params=params, size_mb=size_mb,
+        model=name or root,
+        input_size=tuple(input_size),
+        macs=total_thop + attention,
+        thop_macs=total_thop,
+        attention_macs=attention,
+        flop_counter_flops=float(flop_mode.get_total_flops()),
+        flops_complete=counter.flops.get(root, 0.0),
+        params=params,
+        size_mb=size_mb,
     )
     for module_name, module in named.items():
         if not module_name or module_name.count(".") >= depth:
@@ -210,16 +281,23 @@ def count(model: nn.Module, input_size: tuple[int, int, int], depth: int = 2, na
         thop_macs = thop_per_layer.get(module_name, 0.0)
         layer_attention = max(0.0, counter.macs.get(key, 0.0) - thop_macs)
         macs = thop_macs + layer_attention
-        report.layers.append(LayerRow(
-            name=module_name, type=type(module).__name__, output_shape=shapes.get(module_name), macs=macs,
-            params=sum(p.numel() for p in module.parameters()), flops_complete=counter.flops.get(key, 0.0),
-            share=macs / report.macs if report.macs else 0.0,
-        ))
+        report.layers.append(
+            LayerRow(
+                name=module_name,
+                type=type(module).__name__,
+                output_shape=shapes.get(module_name),
+                macs=macs,
+                params=sum(p.numel() for p in module.parameters()),
+                flops_complete=counter.flops.get(key, 0.0),
+                share=macs / report.macs if report.macs else 0.0,
+            )
+        )
     return report
 
 
-def measure_latency(model: nn.Module, input_size: tuple[int, int, int], batch: int = 32,
-                    device: str = "cpu", repeats: int = 5) -> dict[str, float]:
+def measure_latency(
+    model: nn.Module, input_size: tuple[int, int, int], batch: int = 32, device: str = "cpu", repeats: int = 5
+) -> dict[str, float]:
     """Milliseconds per image at batch 1 and at `batch` (median of `repeats`, after warm-up)."""
     model = model.eval().to(device).to(memory_format=torch.channels_last)
     out = {}

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import timm
-import torch
 from torch import nn
 
 from clothcli.errors import UserError
