@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         r["ratio"] = r["images_per_s"] / base
         table.add_row(r["pipeline"], device, r["dtype"], r["memory_format"], f"{r['images_per_s']:.1f}",
                       f"{r['ratio']:.2f}x", f"{r['data_wait']:.0%}", f"{r['peak_rss_mb']:.0f}")
-    Console().print(table)
+    Console(width=140).print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                     indent=2))

@@ -107,6 +107,36 @@ def _download_into(path: Path) -> None:
     render.note(f"dataset ready at {path}")
 
 
+_OPTION_KEYS = {
+    "data": "data.root",
+    "weights": "model.weights",
+    "model": "model.name",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "lr": "optim.lr",
+    "name": "name",
+    "output_dir": "output_dir",
+}
+
+
+def _config_from_options(config: Path | None, overrides: list[str] | None, download: bool, **options):
+    """Load a config with `--set` overrides and the dedicated options (which win)."""
+    from clothcli.config import load_config
+
+    extra: dict = {}
+    for option, value in options.items():
+        if value is None:
+            continue
+        node = extra
+        *parents, leaf = _OPTION_KEYS[option].split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = str(value) if isinstance(value, Path) else value
+    if download:
+        extra.setdefault("data", {})["download"] = True
+    return load_config(config, overrides or [], extra)
+
+
 @app.command()
 @handle_errors
 def train(
@@ -160,31 +190,23 @@ def train(
     ] = None,
 ) -> None:
     """Fine-tune a timm model with HF Accelerate (CPU, GPU, mixed precision, accelerate launch)."""
-    from clothcli.config import load_config
     from clothcli.training import train as run_training
 
     cfg = None
     if resume is None:
-        extra: dict = {}
-        for key, value in (
-            ("data.root", data),
-            ("model.weights", weights),
-            ("model.name", model),
-            ("train.epochs", epochs),
-            ("train.batch_size", batch_size),
-            ("optim.lr", lr),
-            ("name", name),
-            ("output_dir", output_dir),
-        ):
-            if value is not None:
-                node = extra
-                *parents, leaf = key.split(".")
-                for part in parents:
-                    node = node.setdefault(part, {})
-                node[leaf] = str(value) if isinstance(value, Path) else value
-        if download:
-            extra.setdefault("data", {})["download"] = True
-        cfg = load_config(config, set_ or [], extra)
+        cfg = _config_from_options(
+            config,
+            set_,
+            download,
+            data=data,
+            weights=weights,
+            model=model,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            name=name,
+            output_dir=output_dir,
+        )
     with render.TrainProgress() as progress:
         result = run_training(cfg, resume=resume, reporter=progress)
     render.train_summary(result)
@@ -375,6 +397,82 @@ def rf(
     render.receptive_fields(report, depth, check)
     if json_path:
         write_json(json_path, {**report.to_dict(), "verify": check})
+        render.note(f"wrote {json_path}")
+
+
+@app.command()
+@handle_errors
+def tune(
+    config: Annotated[
+        Path | None, typer.Argument(help="Experiment YAML to tune.", show_default="built-in defaults")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset folder.", show_default="config's data.root")] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="Local pretrained weights file.", show_default="config's model.weights")
+    ] = None,
+    min_lr: Annotated[float, typer.Option(min=0.0, help="Start of the learning-rate sweep.")] = 1e-7,
+    max_lr: Annotated[float, typer.Option(min=0.0, help="End of the learning-rate sweep.")] = 10.0,
+    steps: Annotated[int, typer.Option(min=10, max=10000, help="Optimizer steps in the sweep.")] = 100,
+    lr_test: Annotated[bool, typer.Option(help="Run the learning-rate range test.")] = True,
+    batch_search: Annotated[bool, typer.Option(help="Run the batch-size search.")] = True,
+    memory_budget_gb: Annotated[
+        float | None, typer.Option(min=0.1, help="CPU batch search: memory budget.", show_default="half of free RAM")
+    ] = None,
+    plot: Annotated[Path, typer.Option(help="PNG of loss against learning rate.")] = Path("lr_range_test.png"),
+    write: Annotated[
+        Path | None,
+        typer.Option(
+            help="Update optim.lr (and train.batch_size) in this YAML, keeping the rest.",
+            show_default="nothing written",
+        ),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write all figures as JSON.", show_default="not written")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override any config value (repeatable).", show_default="none")
+    ] = None,
+) -> None:
+    """Learning-rate range test and batch-size search; writes a suggestion."""
+    import copy
+
+    from clothcli.tuning import batch_size_search, lr_range_test, plot_range_test, scale_lr, write_lr
+
+    cfg = _config_from_options(config, set_, False, data=data, weights=weights)
+    if not (lr_test or batch_search):
+        raise UserError("nothing to do: both --no-lr-test and --no-batch-search were given")
+    search = None
+    if batch_search:
+        search = batch_size_search(cfg, memory_budget_gb=memory_budget_gb)
+    result = None
+    suggested_lr = None
+    if lr_test:
+        test_cfg = copy.deepcopy(cfg)
+        test_cfg.train.grad_accum = 1
+        with render.TrainProgress() as progress:
+            result = lr_range_test(test_cfg, min_lr, max_lr, steps, reporter=progress)
+        plot_range_test(result, plot)
+        effective = cfg.train.batch_size * cfg.train.grad_accum
+        suggested_lr = scale_lr(result.suggested_lr, cfg.train.batch_size, effective, cfg.optim.name)
+        if search is not None and search.best:
+            suggested_lr = scale_lr(suggested_lr, effective, search.best * cfg.train.grad_accum, cfg.optim.name)
+    render.tuning(result, search, suggested_lr, cfg, plot if result else None)
+    if write:
+        write_lr(
+            write,
+            suggested_lr if suggested_lr is not None else cfg.optim.lr,
+            search.best if search is not None else None,
+        )
+        render.note(f"updated {write}")
+    if json_path:
+        write_json(
+            json_path,
+            {
+                "lr_range_test": result.to_dict() if result else None,
+                "batch_search": search.to_dict() if search else None,
+                "suggested_lr": suggested_lr,
+            },
+        )
         render.note(f"wrote {json_path}")
 
 

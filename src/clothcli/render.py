@@ -422,3 +422,56 @@ def receptive_fields(report, depth: int, check: dict | None) -> None:
             f"{tuple(check['analytic'][1])}: {'match' if check['match'] else 'MISMATCH'}",
             highlight=False,
         )
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """A one-line unicode chart of `values` (resampled to `width`)."""
+    if not values:
+        return ""
+    ticks = "▁▂▃▄▅▆▇█"
+    step = max(1, len(values) / width)
+    sampled = [values[min(len(values) - 1, int(i * step))] for i in range(min(width, len(values)))]
+    lo, hi = min(sampled), max(sampled)
+    span = (hi - lo) or 1.0
+    return "".join(ticks[int((v - lo) / span * (len(ticks) - 1))] for v in sampled)
+
+
+def tuning(result, search, suggested_lr, cfg, plot_path) -> None:
+    if search is not None:
+        table = Table(title=f"Batch-size search ({search.device}: {search.rule})")
+        table.add_column("batch size", justify="right")
+        if search.device == "cuda":
+            table.add_column("fits")
+            for t in search.trials:
+                table.add_row(str(t["batch_size"]), "yes" if t["fits"] else "no")
+        else:
+            table.add_column("images/s", justify="right")
+            table.add_column("memory growth", justify="right")
+            for t in search.trials:
+                table.add_row(
+                    str(t["batch_size"]),
+                    f"{t['images_per_s']:.1f}",
+                    f"{t['rss_growth_mb']:.0f} MB" + (" (over budget)" if t.get("over_budget") else ""),
+                )
+        console.print(table)
+        console.print(f"chosen batch size: [bold]{search.best}[/]")
+    if result is not None:
+        console.print(
+            f"loss vs log lr ({result.lrs[0]:.0e} → {result.lrs[-1]:.0e}, {len(result.lrs)} steps"
+            + (", stopped: loss diverged" if result.stopped_early else "")
+            + ")"
+        )
+        console.print(sparkline(result.losses), highlight=False)
+        table = Table(title="Learning-rate suggestions")
+        table.add_column("method")
+        table.add_column("lr", justify="right")
+        for name, lr in result.suggestions.items():
+            table.add_row(name + (" (default)" if name == result.default else ""), f"{lr:.2e}")
+        console.print(table)
+        console.print(
+            f"suggested optim.lr for batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}"
+            f"{' at the chosen batch size' if search is not None and search.best else ''}: "
+            f"[bold]{suggested_lr:.3g}[/] (linear scaling with batch for SGD, square root for adaptive "
+            f"optimizers); plot: {plot_path}",
+            highlight=False,
+        )

@@ -207,6 +207,62 @@ def _build_data(cfg: Config, index: DatasetIndex, pre: Preprocess, reporter: Rep
     return _Data(index, train_loader, val_loader, generator, counts)
 
 
+@dataclass
+class Setup:
+    """Everything a training step needs, built one way for `train` and `tune`."""
+
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: Any
+    train_loader: Any
+    val_loader: Any | None
+    loss_fn: nn.Module
+    channels_last: bool
+    data: _Data
+    pre: Preprocess
+
+
+def prepare(cfg: Config, reporter: Reporter | None = None, optimizer_lr: float | None = None) -> Setup:
+    """Index the data, build model, loaders, optimizer and loss, and hand them to Accelerate."""
+    reporter = reporter or SilentReporter()
+    if not cfg.data.root:
+        raise UserError("no dataset given: pass --data PATH (or set data.root in the config)")
+    root = Path(cfg.data.root)
+    if not root.exists() and cfg.data.download:
+        from clothcli.data.download import download_dataset
+
+        reporter.message(f"downloading the dataset into {root}")
+        download_dataset(root)
+    index = index_dataset(root)
+
+    cpu = not torch.cuda.is_available()
+    precision = resolve_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
+    accelerator = make_accelerator(precision, cfg.train.grad_accum, cpu)
+    if not accelerator.is_main_process:
+        reporter = SilentReporter()
+    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else True
+    for warning in index.warnings:
+        reporter.message(f"warning: {warning}")
+
+    set_seed(cfg.train.seed)
+    model = build_model(cfg.model, len(index.classes))
+    pre = resolve_preprocess(model, cfg.preprocess)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    data = _build_data(cfg, index, pre, reporter)
+    optimizer = create_optimizer_v2(
+        model,
+        opt=cfg.optim.name,
+        lr=optimizer_lr or cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        momentum=cfg.optim.momentum,
+    )
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, data.train_loader)
+    val_loader = accelerator.prepare(data.val_loader) if data.val_loader is not None else None
+    loss_fn = _loss_fn(cfg, data.class_counts, accelerator.device)
+    return Setup(accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre)
+
+
 def predict_batches(
     model: nn.Module, loader: Any, accelerator: Accelerator, channels_last: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
@@ -291,35 +347,18 @@ def train(
         cfg = from_dict(yaml.safe_load((run_path / "config.yaml").read_text()), str(run_path / "config.yaml"))
         trainer_state = json.loads((run_path / STATE_DIR / TRAINER_STATE).read_text())
 
-    if not cfg.data.root:
-        raise UserError("no dataset given: pass --data PATH (or set data.root in the config)")
-    root = Path(cfg.data.root)
-    if not root.exists() and cfg.data.download:
-        from clothcli.data.download import download_dataset
-
-        reporter.message(f"downloading the dataset into {root}")
-        download_dataset(root)
-    index = index_dataset(root)
-
-    cpu = not torch.cuda.is_available()
-    precision = resolve_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
-    accelerator = make_accelerator(precision, cfg.train.grad_accum, cpu)
+    setup = prepare(cfg, reporter)
+    accelerator, model, optimizer, train_loader = setup.accelerator, setup.model, setup.optimizer, setup.train_loader
+    val_loader, loss_fn, channels_last, data, pre = (
+        setup.val_loader,
+        setup.loss_fn,
+        setup.channels_last,
+        setup.data,
+        setup.pre,
+    )
+    index, num_classes = data.index, len(data.index.classes)
     if not accelerator.is_main_process:
         reporter = SilentReporter()
-    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else True
-    for warning in index.warnings:
-        reporter.message(f"warning: {warning}")
-
-    set_seed(cfg.train.seed)
-    num_classes = len(index.classes)
-    model = build_model(cfg.model, num_classes)
-    pre = resolve_preprocess(model, cfg.preprocess)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    data = _build_data(cfg, index, pre, reporter)
-    optimizer = create_optimizer_v2(
-        model, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
-    )
     sched_name = "step" if cfg.schedule.name == "step" else cfg.schedule.name
     scheduler, _ = create_scheduler_v2(
         optimizer,
@@ -331,9 +370,6 @@ def train(
         warmup_lr=cfg.schedule.warmup_lr,
         min_lr=cfg.schedule.min_lr,
     )
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, data.train_loader)
-    val_loader = accelerator.prepare(data.val_loader) if data.val_loader is not None else None
-    loss_fn = _loss_fn(cfg, data.class_counts, accelerator.device)
 
     unwrapped = accelerator.unwrap_model(model)
     ema = ModelEmaV3(unwrapped, decay=cfg.train.ema.decay) if cfg.train.ema.enabled else None
@@ -466,6 +502,31 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 
+def training_step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: Any,
+    loss_fn: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    channels_last: bool,
+    clip_grad: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, clip and (when accumulation allows) step: shared by train and tune."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            logits = model(images)
+            loss = loss_fn(logits.float(), targets)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and clip_grad:
+            accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return logits, loss
+
+
 def _train_one_epoch(
     epoch: int,
     cfg: Config,
@@ -492,17 +553,9 @@ def _train_one_epoch(
         for i, e in zip(indices.tolist(), errors):
             if e:
                 unreadable[i] = e
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                logits = model(images)
-                loss = loss_fn(logits.float(), targets)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.train.clip_grad:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        logits, loss = training_step(
+            accelerator, model, optimizer, loss_fn, images, targets, channels_last, cfg.train.clip_grad
+        )
         if ema is not None and accelerator.sync_gradients:
             ema.update(accelerator.unwrap_model(model))
         valid = targets != IGNORE_INDEX

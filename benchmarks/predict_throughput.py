@@ -1,0 +1,122 @@
+"""Prediction throughput: `clothcli predict` against the plain loop, side by side in one run.
+
+The plain loop is what a tutorial writes: open each image with PIL, apply the eval transform,
+`model(x[None])` one image at a time. Both use the same checkpoint and preprocessing; top-1
+agreement between them is reported.
+
+    python benchmarks/predict_throughput.py runs/mobilenet-cpu ../shared/datasets/clothing-dataset-small
+    python benchmarks/predict_throughput.py --tiny     # generated images, tiny model (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from clothcli.checkpoint import load_checkpoint
+from clothcli.data.images import ImageReadError, load_rgb
+from clothcli.data.loading import eval_transform
+from clothcli.models import Preprocess
+from clothcli.predict import collect_inputs, predict_files
+
+
+def plain_loop(checkpoint: Path, files: list[Path]) -> tuple[dict[str, str], float]:
+    model, meta = load_checkpoint(checkpoint)
+    transform = eval_transform(Preprocess.from_dict(meta["preprocess"]))
+    labels = {}
+    start = time.perf_counter()
+    with torch.no_grad():
+        for path in files:
+            try:
+                x = transform(load_rgb(path))
+            except ImageReadError:
+                continue
+            labels[str(path)] = meta["classes"][int(model(x[None]).argmax(1))]
+    return labels, time.perf_counter() - start
+
+
+def clothcli_batched(checkpoint: Path, files: list[Path], batch: int, workers: int) -> tuple[dict[str, str], float]:
+    start = time.perf_counter()
+    labels = {str(p.path): p.label for p in predict_files(checkpoint, files, batch, workers) if not p.error}
+    return labels, time.perf_counter() - start
+
+
+def whole_command(checkpoint: Path, inputs: list[str], out: Path) -> float:
+    """The CLI end to end, start-up included (a fresh process)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "clothcli", "predict", str(checkpoint), *inputs, "-o", str(out),
+                    "--show", "0"], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def make_tiny(root: Path) -> tuple[Path, Path]:
+    from PIL import Image
+
+    from clothcli.config import load_config
+    from clothcli.training import train
+
+    for split in ("train", "validation"):
+        for k, color in enumerate([(200, 30, 30), (30, 200, 30)]):
+            for i in range(8):
+                path = root / "data" / split / f"c{k}" / f"{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (60, 48), tuple(max(0, c - 9 * i) for c in color)).save(path)
+    cfg = load_config(None, ["model.name=test_efficientnet", "model.pretrained=false", "preprocess.input_size=32",
+                             "train.epochs=1", "train.batch_size=8", "data.num_workers=0",
+                             f"data.root={root / 'data'}", f"output_dir={root / 'runs'}",
+                             f"data.cache_dir={root / 'cache'}"])
+    return train(cfg).run_dir, root / "data"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", nargs="?", type=Path)
+    parser.add_argument("inputs", nargs="*")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/predict_throughput.json"))
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            args.checkpoint, data = make_tiny(Path(tmp))
+            args.inputs, args.workers, args.batch = [str(data)], 0, 8
+        if args.checkpoint is None or not args.inputs:
+            parser.error("give CHECKPOINT and INPUTS, or --tiny")
+        files = collect_inputs(args.inputs).files
+        plain, plain_s = plain_loop(args.checkpoint, files)
+        batched, batched_s = clothcli_batched(args.checkpoint, files, args.batch, args.workers)
+        command_s = whole_command(args.checkpoint, args.inputs, Path(tmp) / "out.csv")
+    agree = sum(plain.get(k) == v for k, v in batched.items()) / max(1, len(batched))
+    rows = [
+        {"pipeline": "plain loop (PIL, one image at a time)", "seconds": plain_s, "images_per_s": len(files) / plain_s},
+        {"pipeline": "clothcli predict_files (running)", "seconds": batched_s, "images_per_s": len(files) / batched_s},
+        {"pipeline": "clothcli predict command (start-up included)", "seconds": command_s,
+         "images_per_s": len(files) / command_s},
+    ]
+    table = Table(title=f"Prediction throughput — {len(files)} images, batch {args.batch}, {args.workers} workers")
+    for col in ("pipeline", "seconds", "images/s", "ratio"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["pipeline"], f"{r['seconds']:.1f}", f"{r['images_per_s']:.0f}",
+                      f"{r['images_per_s'] / rows[0]['images_per_s']:.2f}x")
+    Console(width=120).print(table)
+    print(f"top-1 agreement between clothcli and the plain loop: {agree:.2%}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"images": len(files), "results": rows, "top1_agreement": agree,
+                                     "batch": args.batch, "workers": args.workers}, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clothcli.cli import app
+from clothcli.config import load_config
+from clothcli.errors import UserError
+from clothcli.training import prepare
+from clothcli.tuning import binsearch_max_batch, lr_range_test, scale_lr, suggest, valley, write_lr
+
+TINY = [
+    "model.name=test_efficientnet",
+    "model.pretrained=false",
+    "preprocess.input_size=32",
+    "train.batch_size=8",
+    "data.num_workers=0",
+    "train.mixed_precision=no",
+]
+
+
+def tiny(data, *extra):
+    return load_config(None, [*TINY, f"data.root={data}", *extra])
+
+
+def test_range_test_restores_state_exactly(tiny_dataset):
+    cfg = tiny(tiny_dataset)
+    setup = prepare(cfg)
+    model = setup.accelerator.unwrap_model(setup.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_before = setup.optimizer.state_dict()
+    rng_before = torch.get_rng_state()
+    result = lr_range_test(cfg, steps=30, setup=setup)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert setup.optimizer.state_dict()["state"] == opt_before["state"]
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert len(result.lrs) == len(result.losses) <= 30
+    assert result.lrs == sorted(result.lrs)
+    assert set(result.suggestions) == {"valley", "steepest", "min_loss/10"}
+    assert result.lrs[0] <= result.suggested_lr <= result.lrs[-1]
+
+
+def test_range_test_stops_on_divergence(tiny_dataset):
+    result = lr_range_test(tiny(tiny_dataset), min_lr=1e-3, max_lr=1e6, steps=80)
+    assert result.stopped_early and len(result.lrs) < 80
+
+
+def test_immediate_divergence_is_a_clear_error(tiny_dataset):
+    with pytest.raises(UserError, match="diverged at once"):
+        lr_range_test(tiny(tiny_dataset), min_lr=1e4, max_lr=1e9, steps=20)
+
+
+def test_suggestions_on_a_known_curve():
+    lrs = [10 ** (-6 + 6 * i / 99) for i in range(100)]
+    # flat, then falling fastest around 1e-3, minimum near 1e-1, then blowing up
+    losses = [2.0 if lr < 1e-4 else max(0.3, 2.0 - 0.6 * (torch.tensor(lr).log10().item() + 4)) for lr in lrs]
+    losses = [v if lr < 0.2 else v + (lr - 0.2) * 20 for v, lr in zip(losses, lrs)]
+    s = suggest(lrs, losses)
+    assert 1e-4 <= s["steepest"] <= 1e-1
+    assert 1e-4 <= s["valley"] <= 1e-1
+    assert s["min_loss/10"] == pytest.approx(lrs[losses.index(min(losses))] / 10)
+    assert valley(lrs, losses) == s["valley"]
+
+
+def test_binsearch_finds_the_largest_fitting_batch():
+    best, trials = binsearch_max_batch(lambda b: b <= 300, margin=1.0)
+    assert best == 300
+    assert [t["batch_size"] for t in trials[:9]] == [2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert binsearch_max_batch(lambda b: b <= 300)[0] == 270
+    with pytest.raises(UserError):
+        binsearch_max_batch(lambda b: False)
+
+
+def test_lr_scaling_rules():
+    assert scale_lr(0.1, 64, 128, "sgd") == pytest.approx(0.2)
+    assert scale_lr(1e-3, 64, 256, "adamw") == pytest.approx(2e-3)
+
+
+def test_write_keeps_comments_and_still_loads(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "# my experiment\noptim:\n  name: sgd  # the classic\n  lr: 0.04  # old value\ntrain:\n  epochs: 3\n"
+    )
+    write_lr(path, 0.0123, batch_size=48)
+    text = path.read_text()
+    assert "# my experiment" in text and "# the classic" in text and "lr: 0.0123  # old value" in text
+    cfg = load_config(path)
+    assert cfg.optim.lr == pytest.approx(0.0123) and cfg.train.batch_size == 48 and cfg.train.epochs == 3
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("name: x\n")
+    write_lr(bare, 0.5)
+    assert load_config(bare).optim.lr == 0.5
+
+
+def test_cli_tune_cpu(tiny_dataset, tmp_path):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("model:\n  name: test_efficientnet\n  pretrained: false\noptim:\n  lr: 0.04 # keep me\n")
+    out = tmp_path / "t.json"
+    png = tmp_path / "lr.png"
+    result = CliRunner().invoke(
+        app,
+        [
+            "tune",
+            str(cfg),
+            "--data",
+            str(tiny_dataset),
+            "--steps",
+            "20",
+            "--plot",
+            str(png),
+            "--json",
+            str(out),
+            "--write",
+            str(cfg),
+            "--set",
+            "preprocess.input_size=32",
+            "--set",
+            "train.batch_size=8",
+            "--set",
+            "data.num_workers=0",
+            "--set",
+            "train.mixed_precision=no",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["batch_search"]["best"] in [8, 16, 32, 64, 128, 256]
+    assert data["suggested_lr"] > 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "# keep me" in cfg.read_text()
+    assert load_config(cfg).optim.lr == pytest.approx(float(f"{data['suggested_lr']:.3g}"))
