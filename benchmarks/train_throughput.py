@@ -39,17 +39,28 @@ def peak_rss_mb() -> float:
 
 
 def isolated(fn, *args) -> dict:
-    """Run one pipeline in a fresh process so its peak memory is its own."""
+    """Run one pipeline in a fresh (non-daemonic, so it may start DataLoader workers) process, so that
+    its peak memory is its own."""
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_measured, (fn, *args))
-
-
-def _measured(fn, *args) -> dict:
-    result = fn(*args)
-    result["peak_rss_mb"] = peak_rss_mb()
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measured, args=(queue, fn, *args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if isinstance(result, BaseException):
+        raise result
     return result
+
+
+def _measured(queue, fn, *args) -> None:
+    try:
+        result = fn(*args)
+        result["peak_rss_mb"] = peak_rss_mb()
+        queue.put(result)
+    except BaseException as exc:
+        queue.put(RuntimeError(f"{fn.__name__} failed: {exc!r}"))
 
 
 def plain_baseline(data: Path, model_name: str, weights: str | None, size: int, batch: int, epochs: int,

@@ -13,7 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("script", ["train_throughput.py", "predict_throughput.py"])
 def test_benchmark_tiny_mode(script, tmp_path):
     out = tmp_path / "b.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "images/s" in proc.stdout and out.is_file()

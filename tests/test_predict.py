@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import COLORS, make_dataset, make_image
+from conftest import COLORS, TINY_OVERRIDES, make_dataset, make_image
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -24,12 +24,7 @@ def checkpoint(tmp_path_factory):
     cfg = load_config(
         None,
         [
-            "model.name=test_efficientnet",
-            "model.pretrained=false",
-            "preprocess.input_size=32",
-            "train.batch_size=8",
-            "data.num_workers=0",
-            "train.mixed_precision=no",
+            *TINY_OVERRIDES,
             "train.epochs=4",
             "optim.lr=0.05",
             f"data.root={data}",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import TINY_OVERRIDES
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -17,16 +18,7 @@ from clothcli.config import load_config
 from clothcli.training import SilentReporter, train
 
 runner = CliRunner()
-TINY = [
-    "model.name=test_efficientnet",
-    "model.pretrained=false",
-    "preprocess.input_size=32",
-    "train.batch_size=8",
-    "data.num_workers=0",
-    "train.mixed_precision=no",
-    "optim.lr=0.05",
-    "schedule.name=cosine",
-]
+TINY = [*TINY_OVERRIDES, "optim.lr=0.05", "schedule.name=cosine"]
 
 
 def tiny_config(data: Path, out: Path, *extra: str, epochs: int = 3):

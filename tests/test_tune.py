@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 from typer.testing import CliRunner
 
 from clothcli.cli import app
@@ -10,14 +11,7 @@ from clothcli.errors import UserError
 from clothcli.training import prepare
 from clothcli.tuning import binsearch_max_batch, lr_range_test, scale_lr, suggest, valley, write_lr
 
-TINY = [
-    "model.name=test_efficientnet",
-    "model.pretrained=false",
-    "preprocess.input_size=32",
-    "train.batch_size=8",
-    "data.num_workers=0",
-    "train.mixed_precision=no",
-]
+TINY = TINY_OVERRIDES
 
 
 def tiny(data, *extra):

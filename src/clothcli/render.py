@@ -371,25 +371,25 @@ def receptive_fields(report, depth: int, check: dict | None) -> None:
     c, h, w = report.input_size
     table = Table(title=f"{report.model} — receptive fields at {c}x{h}x{w}")
     for col in ("layer", "type", "output", "RF (h x w)", "stride", "eff. padding", "global context"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
 
     def pair(v, fmt="{:g}") -> str:
         if v is None:
             return "-"
         return fmt.format(v[0]) if v[0] == v[1] else f"{fmt.format(v[0])} x {fmt.format(v[1])}"
 
+    announced: set[str] = set()
     for row in report.layers:
         if row.name.count(".") >= depth:
             continue
         shape = "x".join(str(v) for v in row.output_shape[1:]) or "-"
+        context = ""
+        if row.global_from:
+            context = "global" if row.global_from in announced else f"global from {row.global_from}"
+            announced.add(row.global_from)
         table.add_row(
-            "  " * row.name.count(".") + row.name,
-            row.type,
-            shape,
-            pair(row.rf),
-            pair(row.stride),
-            pair(row.padding),
-            f"global from {row.global_from}" if row.global_from else "",
+            "  " * row.name.count(".") + row.name, row.type, shape, pair(row.rf), pair(row.stride),
+            pair(row.padding), context,
         )
     console.print(table)
     out = report.output

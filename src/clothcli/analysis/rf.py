@@ -393,6 +393,9 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], name: str = "") ->
             continue
         seen.add(module_name)
         report.layers.append(_row(module_name, module, first, state))
+    order = {n or ROOT: i for i, (n, _) in enumerate(model.named_modules())}
+    order[ROOT] = len(order)  # the model's own output comes last
+    report.layers.sort(key=lambda r: order.get(r.name, len(order)))
     report.merges = tracer.merges
     report.unsupported = tracer.unsupported
     # adaptive pools resample to a fixed size, so their field depends on the input size: not "the" output
