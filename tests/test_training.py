@@ -291,3 +291,23 @@ def test_accelerate_launch_two_cpu_processes(tiny_dataset, tmp_path):
     assert len(history) == 2
     assert (runs[0] / "best" / "model.safetensors").is_file()
     assert (proc.stdout + proc.stderr).count("epoch   1 ") == 1  # only the main process reports
+
+
+def test_cli_ctrl_c_then_resume(tiny_dataset, tmp_path, monkeypatch):
+    from clothcli import render
+
+    def interrupt(self, row):
+        raise KeyboardInterrupt
+
+    args = ["train", "--data", str(tiny_dataset), "--output-dir", str(tmp_path / "runs"), "--name", "cut",
+            "--epochs", "2", *[a for kv in TINY for a in ("--set", kv)]]
+    with monkeypatch.context() as patch:
+        patch.setattr(render.TrainProgress, "epoch_end", interrupt)
+        result = runner.invoke(app, args)
+    run = tmp_path / "runs" / "cut"
+    assert result.exit_code == 130
+    assert f"--resume {run}" in result.output.replace("\n", "")
+    assert (run / "last" / "model.safetensors").is_file()
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert len(rows(run)) == 2

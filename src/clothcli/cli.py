@@ -208,7 +208,14 @@ def train(
             output_dir=output_dir,
         )
     with render.TrainProgress() as progress:
-        result = run_training(cfg, resume=resume, reporter=progress)
+        try:
+            result = run_training(cfg, resume=resume, reporter=progress)
+        except KeyboardInterrupt:
+            if progress.run_dir is None:
+                raise
+            render.error(f"interrupted; last/ and state/ hold the last completed epoch. Continue with: "
+                         f"clothcli train --resume {progress.run_dir}")
+            raise typer.Exit(130) from None
     render.train_summary(result)
 
 

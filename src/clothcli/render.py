@@ -191,6 +191,7 @@ class TrainProgress:
             transient=True,
         )
         self.task = None
+        self.run_dir = None
 
     def __enter__(self) -> TrainProgress:
         self.progress.__enter__()
@@ -201,6 +202,10 @@ class TrainProgress:
 
     def message(self, text: str) -> None:
         self.progress.console.print(text, highlight=False)
+
+    def run_started(self, run_dir) -> None:
+        self.run_dir = run_dir
+        self.progress.console.print(f"run folder: {run_dir}", highlight=False)
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         if self.task is not None:

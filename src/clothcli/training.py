@@ -69,6 +69,7 @@ class Reporter(Protocol):
     """What the training loop tells its caller (the CLI renders it; tests may ignore it)."""
 
     def message(self, text: str) -> None: ...
+    def run_started(self, run_dir: Path) -> None: ...
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
     def step(self, done: int, loss: float, acc: float, lr: float, images_per_s: float) -> None: ...
     def epoch_end(self, row: dict[str, Any]) -> None: ...
@@ -76,6 +77,9 @@ class Reporter(Protocol):
 
 class SilentReporter:
     def message(self, text: str) -> None:
+        pass
+
+    def run_started(self, run_dir: Path) -> None:
         pass
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
@@ -406,6 +410,7 @@ def train(
     monitor = cfg.train.monitor
     stopped_early = False
     eval_model = ema.module if ema is not None else model
+    reporter.run_started(run_path)
     for epoch in range(start_epoch, cfg.train.epochs):
         set_seed(cfg.train.seed + epoch)
         data.sampler_generator.manual_seed(cfg.train.seed * 1_000_003 + epoch)
