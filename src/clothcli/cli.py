@@ -213,8 +213,10 @@ def train(
         except KeyboardInterrupt:
             if progress.run_dir is None:
                 raise
-            render.error(f"interrupted; last/ and state/ hold the last completed epoch. Continue with: "
-                         f"clothcli train --resume {progress.run_dir}")
+            render.error(
+                f"interrupted; last/ and state/ hold the last completed epoch. Continue with: "
+                f"clothcli train --resume {progress.run_dir}"
+            )
             raise typer.Exit(130) from None
     render.train_summary(result)
 

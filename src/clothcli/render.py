@@ -393,8 +393,13 @@ def receptive_fields(report, depth: int, check: dict | None) -> None:
             context = "global" if row.global_from in announced else f"global from {row.global_from}"
             announced.add(row.global_from)
         table.add_row(
-            "  " * row.name.count(".") + row.name, row.type, shape, pair(row.rf), pair(row.stride),
-            pair(row.padding), context,
+            "  " * row.name.count(".") + row.name,
+            row.type,
+            shape,
+            pair(row.rf),
+            pair(row.stride),
+            pair(row.padding),
+            context,
         )
     console.print(table)
     out = report.output

@@ -253,9 +253,12 @@ class RFTracer(TorchFunctionMode):
                 return self._global(state, keep_spatial=False)
             return state
         if name in ("permute", "transpose", "swapaxes", "movedim"):
-            return self._permute(name, args, kwargs, state, x)
+            if not state.spatial:
+                return state
+            order = _permute_dims(name, args, kwargs, x.dim())
+            return RF(state.h, state.w, tuple(order.index(d) for d in state.spatial), state.global_from)
         if name in ("flatten", "reshape", "view", "unflatten", "squeeze", "unsqueeze"):
-            return self._reshape(state, x, out)
+            return RF(state.h, state.w, _reshape_keep(state, x, out), state.global_from)
         if name in ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear"):
             self.unsupported.append(f"{self.layer()}: {name} (treated as identity)")
             return state
@@ -349,22 +352,6 @@ def _reshape_keep(state: RF, x: torch.Tensor, out: torch.Tensor) -> tuple[int, i
         if out.shape[i] == hs and out.shape[i + 1] == ws and math.prod(out.shape[:i]) == before:
             return (i, i + 1)
     return None
-
-
-def _permute(self: RFTracer, name, args, kwargs, state: RF, x: torch.Tensor) -> RF:
-    if not state.spatial:
-        return state
-    order = _permute_dims(name, args, kwargs, x.dim())
-    new = tuple(order.index(d) for d in state.spatial)
-    return RF(state.h, state.w, new, state.global_from)  # type: ignore[arg-type]
-
-
-def _reshape(self: RFTracer, state: RF, x: torch.Tensor, out: Any) -> RF:
-    return RF(state.h, state.w, _reshape_keep(state, x, out), state.global_from)
-
-
-RFTracer._permute = _permute  # type: ignore[attr-defined]
-RFTracer._reshape = _reshape  # type: ignore[attr-defined]
 
 
 def trace(model: nn.Module, input_size: tuple[int, int, int], name: str = "") -> RFReport:
