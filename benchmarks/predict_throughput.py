@@ -53,8 +53,11 @@ def clothcli_batched(checkpoint: Path, files: list[Path], batch: int, workers: i
 def whole_command(checkpoint: Path, inputs: list[str], out: Path) -> float:
     """The CLI end to end, start-up included (a fresh process)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "clothcli", "predict", str(checkpoint), *inputs, "-o", str(out),
-                    "--show", "0"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "clothcli", "predict", str(checkpoint), *inputs, "-o", str(out), "--show", "0"],
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - start
 
 
@@ -70,10 +73,20 @@ def make_tiny(root: Path) -> tuple[Path, Path]:
                 path = root / "data" / split / f"c{k}" / f"{i}.jpg"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.new("RGB", (60, 48), tuple(max(0, c - 9 * i) for c in color)).save(path)
-    cfg = load_config(None, ["model.name=test_efficientnet", "model.pretrained=false", "preprocess.input_size=32",
-                             "train.epochs=1", "train.batch_size=8", "data.num_workers=0",
-                             f"data.root={root / 'data'}", f"output_dir={root / 'runs'}",
-                             f"data.cache_dir={root / 'cache'}"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=test_efficientnet",
+            "model.pretrained=false",
+            "preprocess.input_size=32",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "data.num_workers=0",
+            f"data.root={root / 'data'}",
+            f"output_dir={root / 'runs'}",
+            f"data.cache_dir={root / 'cache'}",
+        ],
+    )
     return train(cfg).run_dir, root / "data"
 
 
@@ -100,20 +113,37 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         {"pipeline": "plain loop (PIL, one image at a time)", "seconds": plain_s, "images_per_s": len(files) / plain_s},
         {"pipeline": "clothcli predict_files (running)", "seconds": batched_s, "images_per_s": len(files) / batched_s},
-        {"pipeline": "clothcli predict command (start-up included)", "seconds": command_s,
-         "images_per_s": len(files) / command_s},
+        {
+            "pipeline": "clothcli predict command (start-up included)",
+            "seconds": command_s,
+            "images_per_s": len(files) / command_s,
+        },
     ]
     table = Table(title=f"Prediction throughput — {len(files)} images, batch {args.batch}, {args.workers} workers")
     for col in ("pipeline", "seconds", "images/s", "ratio"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["pipeline"], f"{r['seconds']:.1f}", f"{r['images_per_s']:.0f}",
-                      f"{r['images_per_s'] / rows[0]['images_per_s']:.2f}x")
+        table.add_row(
+            r["pipeline"],
+            f"{r['seconds']:.1f}",
+            f"{r['images_per_s']:.0f}",
+            f"{r['images_per_s'] / rows[0]['images_per_s']:.2f}x",
+        )
     Console(width=120).print(table)
     print(f"top-1 agreement between clothcli and the plain loop: {agree:.2%}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"images": len(files), "results": rows, "top1_agreement": agree,
-                                     "batch": args.batch, "workers": args.workers}, indent=2))
+    args.json.write_text(
+        json.dumps(
+            {
+                "images": len(files),
+                "results": rows,
+                "top1_agreement": agree,
+                "batch": args.batch,
+                "workers": args.workers,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.json}")
     return 0
 

@@ -63,15 +63,27 @@ def _measured(queue, fn, *args) -> None:
         queue.put(RuntimeError(f"{fn.__name__} failed: {exc!r}"))
 
 
-def plain_baseline(data: Path, model_name: str, weights: str | None, size: int, batch: int, epochs: int,
-                   workers: int, max_steps: int | None) -> dict:
+def plain_baseline(
+    data: Path,
+    model_name: str,
+    weights: str | None,
+    size: int,
+    batch: int,
+    epochs: int,
+    workers: int,
+    max_steps: int | None,
+) -> dict:
     """The tutorial pipeline, timed the same way clothcli times itself (per epoch, waits measured)."""
     torch.manual_seed(0)
-    tf = transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=(0.25, 1.0)), transforms.RandomHorizontalFlip(),
-        transforms.ColorJitter(0.2, 0.2, 0.2), transforms.ToTensor(),
-        transforms.Normalize([0.5] * 3, [0.5] * 3),
-    ])
+    tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=(0.25, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(0.2, 0.2, 0.2),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5] * 3, [0.5] * 3),
+        ]
+    )
     dataset = datasets.ImageFolder(str(data / "train"), transform=tf)
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
     kwargs = {"pretrained_cfg_overlay": {"file": weights}, "pretrained": True} if weights else {}
@@ -94,19 +106,44 @@ def plain_baseline(data: Path, model_name: str, weights: str | None, size: int, 
             if max_steps and step >= max_steps:
                 break
     seconds = time.perf_counter() - start
-    return {"pipeline": "plain (ImageFolder+PIL, fp32)", "images_per_s": images / seconds,
-            "seconds_per_epoch": seconds / epochs, "data_wait": wait / seconds, "dtype": "fp32",
-            "memory_format": "contiguous"}
+    return {
+        "pipeline": "plain (ImageFolder+PIL, fp32)",
+        "images_per_s": images / seconds,
+        "seconds_per_epoch": seconds / epochs,
+        "data_wait": wait / seconds,
+        "dtype": "fp32",
+        "memory_format": "contiguous",
+    }
 
 
-def clothcli_run(data: Path, model_name: str, weights: str | None, size: int, batch: int, epochs: int,
-                 workers: int, cache: str, channels_last: bool, precision: str, out: Path) -> dict:
+def clothcli_run(
+    data: Path,
+    model_name: str,
+    weights: str | None,
+    size: int,
+    batch: int,
+    epochs: int,
+    workers: int,
+    cache: str,
+    channels_last: bool,
+    precision: str,
+    out: Path,
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     overrides = [
-        f"data.root={data}", f"model.name={model_name}", f"preprocess.input_size={size}", f"train.batch_size={batch}",
-        f"train.epochs={epochs}", f"data.num_workers={workers}", f"data.cache={cache}",
-        f"train.channels_last={str(channels_last).lower()}", f"train.mixed_precision={precision}",
-        "augment.scale=[0.25, 1.0]", "augment.color_jitter=0.2", f"output_dir={out}", "schedule.name=cosine",
+        f"data.root={data}",
+        f"model.name={model_name}",
+        f"preprocess.input_size={size}",
+        f"train.batch_size={batch}",
+        f"train.epochs={epochs}",
+        f"data.num_workers={workers}",
+        f"data.cache={cache}",
+        f"train.channels_last={str(channels_last).lower()}",
+        f"train.mixed_precision={precision}",
+        "augment.scale=[0.25, 1.0]",
+        "augment.color_jitter=0.2",
+        f"output_dir={out}",
+        "schedule.name=cosine",
         f"data.cache_dir={out.parent / 'cache'}",
     ]
     overrides.append(f"model.weights={weights}" if weights else "model.pretrained=false")
@@ -117,12 +154,15 @@ def clothcli_run(data: Path, model_name: str, weights: str | None, size: int, ba
     rows = [r for r in result.history if r["epoch"] != "swa"]
     train_seconds = sum(r["seconds"] for r in rows)
     images = sum(r["images_per_s"] * r["seconds"] for r in rows)
-    return {"pipeline": f"clothcli (cache={cache})", "images_per_s": images / train_seconds,
-            "seconds_per_epoch": train_seconds / len(rows),
-            "data_wait": sum(r["data_wait"] * r["seconds"] for r in rows) / train_seconds,
-            "dtype": precision if precision != "no" else "fp32",
-            "memory_format": "channels_last" if channels_last else "contiguous",
-            "wall_seconds_with_setup_and_validation": total}
+    return {
+        "pipeline": f"clothcli (cache={cache})",
+        "images_per_s": images / train_seconds,
+        "seconds_per_epoch": train_seconds / len(rows),
+        "data_wait": sum(r["data_wait"] * r["seconds"] for r in rows) / train_seconds,
+        "dtype": precision if precision != "no" else "fp32",
+        "memory_format": "channels_last" if channels_last else "contiguous",
+        "wall_seconds_with_setup_and_validation": total,
+    }
 
 
 def make_tiny_dataset(root: Path) -> Path:
@@ -153,17 +193,49 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tmp)
         if args.tiny:
             args.data, args.model, args.size, args.batch, args.epochs, args.workers, args.weights = (
-                make_tiny_dataset(out / "data"), "test_efficientnet", 32, 8, 1, 0, None)
+                make_tiny_dataset(out / "data"),
+                "test_efficientnet",
+                32,
+                8,
+                1,
+                0,
+                None,
+            )
         if args.data is None:
             parser.error("--data is required (or --tiny)")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        results = [isolated(plain_baseline, args.data, args.model, args.weights, args.size, args.batch,
-                            args.epochs, args.workers, None)]
+        results = [
+            isolated(
+                plain_baseline,
+                args.data,
+                args.model,
+                args.weights,
+                args.size,
+                args.batch,
+                args.epochs,
+                args.workers,
+                None,
+            )
+        ]
         # The decode cache is built before the first epoch; epoch timings exclude it and
         # wall_seconds_with_setup_and_validation includes it.
         for i, (cache, channels_last) in enumerate((("none", True), ("memory", False), ("memory", True))):
-            results.append(isolated(clothcli_run, args.data, args.model, args.weights, args.size, args.batch,
-                                    args.epochs, args.workers, cache, channels_last, "no", out / f"run{i}"))
+            results.append(
+                isolated(
+                    clothcli_run,
+                    args.data,
+                    args.model,
+                    args.weights,
+                    args.size,
+                    args.batch,
+                    args.epochs,
+                    args.workers,
+                    cache,
+                    channels_last,
+                    "no",
+                    out / f"run{i}",
+                )
+            )
     base = results[0]["images_per_s"]
     table = Table(title=f"Training throughput — {args.model} @ {args.size}px, batch {args.batch}, {device}")
     for col in ("pipeline", "device", "dtype", "memory format", "images/s", "ratio", "data wait", "peak RSS MB"):
@@ -171,12 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         r["device"] = device
         r["ratio"] = r["images_per_s"] / base
-        table.add_row(r["pipeline"], device, r["dtype"], r["memory_format"], f"{r['images_per_s']:.1f}",
-                      f"{r['ratio']:.2f}x", f"{r['data_wait']:.0%}", f"{r['peak_rss_mb']:.0f}")
+        table.add_row(
+            r["pipeline"],
+            device,
+            r["dtype"],
+            r["memory_format"],
+            f"{r['images_per_s']:.1f}",
+            f"{r['ratio']:.2f}x",
+            f"{r['data_wait']:.0%}",
+            f"{r['peak_rss_mb']:.0f}",
+        )
     Console(width=140).print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
-                                    indent=2))
+    args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
     print(f"wrote {args.json}")
     return 0
 

@@ -1,11 +1,11 @@
 import json
 import shutil
 
-from conftest import make_dataset, make_image
 from typer.testing import CliRunner
 
 from clothcli.cli import app
 from clothcli.data.analysis import analyze_dataset, balance_weights
+from conftest import make_dataset, make_image
 
 runner = CliRunner()
 

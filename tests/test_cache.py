@@ -1,5 +1,4 @@
 import torch
-from conftest import make_image
 
 from clothcli.config import AugmentConfig
 from clothcli.data.cache import build_or_open
@@ -14,6 +13,7 @@ from clothcli.data.loading import (
     tensor_train_transform,
 )
 from clothcli.models import Preprocess
+from conftest import make_image
 
 PRE = Preprocess(input_size=24, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.875)
 

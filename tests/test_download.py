@@ -2,12 +2,12 @@ import shutil
 import zipfile
 
 import pytest
-from conftest import make_dataset
 from typer.testing import CliRunner
 
 from clothcli.cli import app
 from clothcli.data.download import content_digest, download_dataset
 from clothcli.errors import UserError
+from conftest import make_dataset
 
 
 def make_archive(tmp_path):

@@ -1,8 +1,8 @@
 import pytest
-from conftest import make_dataset, make_image
 
 from clothcli.data.layout import index_dataset, index_folder
 from clothcli.errors import UserError
+from conftest import make_dataset, make_image
 
 
 def test_counts_and_classes(tiny_dataset):

@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import COLORS, TINY_OVERRIDES, make_dataset, make_image
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -13,6 +12,7 @@ from clothcli.config import load_config
 from clothcli.data.images import ImageReadError, load_rgb
 from clothcli.predict import collect_inputs, run_predict
 from clothcli.training import train
+from conftest import COLORS, TINY_OVERRIDES, make_dataset, make_image
 
 runner = CliRunner()
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import TINY_OVERRIDES
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -16,6 +15,7 @@ from clothcli.checkpoint import load_checkpoint
 from clothcli.cli import app
 from clothcli.config import load_config
 from clothcli.training import SilentReporter, train
+from conftest import TINY_OVERRIDES
 
 runner = CliRunner()
 TINY = [*TINY_OVERRIDES, "optim.lr=0.05", "schedule.name=cosine"]
@@ -299,8 +299,18 @@ def test_cli_ctrl_c_then_resume(tiny_dataset, tmp_path, monkeypatch):
     def interrupt(self, row):
         raise KeyboardInterrupt
 
-    args = ["train", "--data", str(tiny_dataset), "--output-dir", str(tmp_path / "runs"), "--name", "cut",
-            "--epochs", "2", *[a for kv in TINY for a in ("--set", kv)]]
+    args = [
+        "train",
+        "--data",
+        str(tiny_dataset),
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--name",
+        "cut",
+        "--epochs",
+        "2",
+        *[a for kv in TINY for a in ("--set", kv)],
+    ]
     with monkeypatch.context() as patch:
         patch.setattr(render.TrainProgress, "epoch_end", interrupt)
         result = runner.invoke(app, args)

@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
 from typer.testing import CliRunner
 
 from clothcli.cli import app
@@ -10,6 +9,7 @@ from clothcli.config import load_config
 from clothcli.errors import UserError
 from clothcli.training import prepare
 from clothcli.tuning import binsearch_max_batch, lr_range_test, scale_lr, suggest, valley, write_lr
+from conftest import TINY_OVERRIDES
 
 TINY = TINY_OVERRIDES
 

@@ -1,0 +1,256 @@
+"""`analyze-data`: what is in a dataset before anyone trains on it.
+
+Counts and balance per split and class, image properties from headers, unreadable files,
+and duplicates (exact: content hash; near: a 256-bit difference hash) within and across splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from clothcli.data.images import ImageReadError, load_rgb, read_info
+from clothcli.data.layout import DatasetIndex, index_dataset
+
+HASH_SIDE = 16  # dHash grid: 16x16 = 256 bits
+# Hamming distance (of 256 bits) that counts as "near". Calibrated on clothing-dataset-small:
+# <= 12 finds the re-saved/identical shots; from 13 on, pairs are different garments that only
+# share the photographer's pink background.
+NEAR_DUPLICATE_BITS = 12
+_JPEG_END = b"\xff\xd9"
+_PNG_END = b"IEND"
+
+
+@dataclass
+class FileReport:
+    """What one pass learnt about one file."""
+
+    path: Path
+    split: str
+    label: str
+    size_bytes: int
+    width: int | None = None
+    height: int | None = None
+    mode: str | None = None
+    format: str | None = None
+    sha256: str | None = None
+    dhash: np.ndarray | None = None
+    error: str | None = None
+
+
+def dhash(img: Image.Image) -> int:
+    """256-bit difference hash of a grayscale thumbnail: robust to resizing and re-encoding."""
+    small = np.asarray(
+        img.convert("L").resize((HASH_SIDE + 1, HASH_SIDE), Image.Resampling.BILINEAR),
+        dtype=np.int16,
+    )
+    return (small[:, 1:] > small[:, :-1]).flatten()
+
+
+def _tail_looks_truncated(data: bytes, fmt: str) -> bool:
+    tail = data[-1024:]
+    if fmt == "JPEG":
+        return _JPEG_END not in tail
+    if fmt == "PNG":
+        return _PNG_END not in tail
+    return False
+
+
+def inspect_file(path: Path, split: str, label: str, deep: bool = False) -> FileReport:
+    """Header, hashes and an end-marker check (full decode with `deep`) for one file."""
+    data = path.read_bytes()
+    report = FileReport(path=path, split=split, label=label, size_bytes=len(data))
+    report.sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        info = read_info(path)
+        report.width, report.height, report.mode, report.format = (info.width, info.height, info.mode, info.format)
+        if _tail_looks_truncated(data, info.format):
+            raise ImageReadError(f"truncated image (no {info.format} end marker)")
+        if deep:
+            load_rgb(path)
+        # Always hash the same reduced decode, so --deep finds the same duplicates.
+        report.dhash = dhash(load_rgb(path, min_size=64))
+    except ImageReadError as exc:
+        report.error = str(exc)
+    return report
+
+
+def _near_pairs(bits: np.ndarray, max_bits: int, chunk: int = 1024) -> list[tuple[int, int]]:
+    """Index pairs (i < j) whose hashes differ in at most `max_bits` bits.
+
+    With bits mapped to +-1, Hamming distance = (n_bits - a.b) / 2, so a chunked matrix product
+    compares all pairs in seconds even for tens of thousands of images.
+    """
+    signs = bits.astype(np.float32) * 2 - 1
+    n_bits = signs.shape[1]
+    pairs = []
+    for start in range(0, len(signs), chunk):
+        distance = (n_bits - signs[start : start + chunk] @ signs.T) / 2
+        rows, cols = np.nonzero(distance <= max_bits + 0.5)
+        pairs.extend((start + int(r), int(c)) for r, c in zip(rows, cols) if start + r < c)
+    return pairs
+
+
+def _groups(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs:
+        parent[find(a)] = find(b)
+    members: dict[int, list[int]] = {}
+    for i in range(n):
+        members.setdefault(find(i), []).append(i)
+    return [sorted(g) for g in members.values() if len(g) > 1]
+
+
+def find_duplicates(reports: list[FileReport], max_bits: int = NEAR_DUPLICATE_BITS) -> list[dict]:
+    """Groups of identical (same bytes) or near-identical (dHash within `max_bits` of 256) images."""
+    ok = [r for r in reports if r.dhash is not None]
+    pairs: list[tuple[int, int]] = []
+    by_hash: dict[str, int] = {}
+    for i, r in enumerate(ok):
+        if r.sha256 in by_hash:
+            pairs.append((by_hash[r.sha256], i))
+        else:
+            by_hash[r.sha256] = i
+    if ok:
+        pairs.extend(_near_pairs(np.stack([r.dhash for r in ok]), max_bits))
+    groups = []
+    for group in _groups(len(ok), pairs):
+        members = [ok[i] for i in group]
+        exact = len({m.sha256 for m in members}) == 1
+        groups.append(
+            {
+                "kind": "exact" if exact else "near",
+                "paths": [str(m.path) for m in members],
+                "splits": sorted({m.split for m in members}),
+                "labels": sorted({m.label for m in members}),
+                "cross_split": len({m.split for m in members}) > 1,
+                "conflicting_labels": len({m.label for m in members}) > 1,
+            }
+        )
+    groups.sort(key=lambda g: (not g["conflicting_labels"], not g["cross_split"], g["paths"][0]))
+    return groups
+
+
+def _distribution(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {
+        "min": min(values),
+        "median": statistics.median(values),
+        "mean": statistics.fmean(values),
+        "max": max(values),
+    }
+
+
+def balance_weights(counts: list[int]) -> dict[str, list[float]]:
+    """Inverse-frequency class weights (mean 1 over samples) and per-sample sampler weights."""
+    total, k = sum(counts), len(counts)
+    class_weights = [total / (k * c) if c else 0.0 for c in counts]
+    sampler_weights = [1.0 / c if c else 0.0 for c in counts]
+    return {"class_weights": class_weights, "sampler_weights": sampler_weights}
+
+
+def analyze_dataset(
+    root: str | Path,
+    deep: bool = False,
+    workers: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Analyse every split of `root`; returns plain data (the JSON the CLI writes)."""
+    index: DatasetIndex = index_dataset(root)
+    jobs = [
+        (path, split.name, index.classes[target]) for split in index.splits.values() for path, target in split.samples
+    ]
+    reports: list[FileReport] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, report in enumerate(pool.map(lambda j: inspect_file(*j, deep=deep), jobs), 1):
+            reports.append(report)
+            if progress:
+                progress(i, len(jobs))
+
+    splits = {}
+    for name, split in index.splits.items():
+        counts = split.class_counts(len(index.classes))
+        total = sum(counts)
+        nonzero = [c for c in counts if c]
+        splits[name] = {
+            "directory": str(split.directory),
+            "total": total,
+            "classes": dict(zip(index.classes, counts)),
+            "shares": {c: (n / total if total else 0.0) for c, n in zip(index.classes, counts)},
+            "imbalance_ratio": (max(nonzero) / min(nonzero)) if nonzero else None,
+            "skipped": [{"path": str(s.path), "reason": s.reason} for s in split.skipped],
+        }
+    train_counts = index.splits["train"].class_counts(len(index.classes))
+
+    readable = [r for r in reports if r.error is None]
+    sizes = Counter(f"{r.width}x{r.height}" for r in readable)
+    aspects = [r.width / r.height for r in readable if r.height]
+    aspect_bins = Counter(
+        "portrait (<0.9)" if a < 0.9 else "landscape (>1.1)" if a > 1.1 else "square-ish" for a in aspects
+    )
+    return {
+        "root": str(index.root),
+        "classes": index.classes,
+        "splits": splits,
+        "balance": balance_weights(train_counts),
+        "images": {
+            "count": len(reports),
+            "sizes": dict(sizes.most_common()),
+            "width": _distribution([r.width for r in readable]),
+            "height": _distribution([r.height for r in readable]),
+            "aspect_ratio": {**_distribution(aspects), "bins": dict(aspect_bins)},
+            "modes": dict(Counter(r.mode for r in readable).most_common()),
+            "formats": dict(Counter(r.format for r in readable).most_common()),
+            "file_bytes": {
+                **_distribution([r.size_bytes for r in reports]),
+                "total": sum(r.size_bytes for r in reports),
+            },
+        },
+        "unreadable": [
+            {"path": str(r.path), "split": r.split, "reason": r.error} for r in reports if r.error is not None
+        ],
+        "duplicates": find_duplicates(reports),
+        "warnings": index.warnings,
+        "deep": deep,
+    }
+
+
+def plot_class_distribution(analysis: dict, path: str | Path) -> None:
+    """Bar chart of images per class, one bar group per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = analysis["classes"]
+    splits = list(analysis["splits"])
+    x = np.arange(len(classes))
+    width = 0.8 / max(1, len(splits))
+    fig, ax = plt.subplots(figsize=(max(6, len(classes) * 0.8), 4))
+    for i, split in enumerate(splits):
+        counts = [analysis["splits"][split]["classes"][c] for c in classes]
+        ax.bar(x + i * width - 0.4 + width / 2, counts, width, label=split)
+    ax.set_xticks(x, classes, rotation=45, ha="right")
+    ax.set_ylabel("images")
+    ax.set_title("Images per class")
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

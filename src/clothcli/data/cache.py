@@ -1,0 +1,181 @@
+"""Decode each image once per run, not once per epoch.
+
+Images are decoded, made upright RGB and resized (PIL, exactly as timm's eval transform resizes)
+so the short side is `floor(input_size / crop_pct)` (about 1.14x the input), then stored as
+uint8 in one flat file. Training crops and augments those uint8 tensors with
+torchvision.transforms.v2; evaluation only centre-crops them, so its outputs equal the
+decode-every-time path. The file is keyed by the images' content and the target size, built in
+parallel, reused by later runs, and loaded into memory when it fits or memory-mapped when not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from clothcli.data.images import ImageReadError, load_rgb
+from clothcli.io_utils import atomic_path
+
+CACHE_VERSION = 1
+_INTERPOLATION = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "clothcli" / "decoded"
+
+
+def decode_resized(path: Path, short_side: int, interpolation: str) -> np.ndarray:
+    """Upright RGB, short side resized to `short_side` the way torchvision's Resize does it (HWC uint8)."""
+    img = load_rgb(path, min_size=short_side)
+    img = TF.resize(img, short_side, interpolation=_INTERPOLATION[interpolation])
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _decode_job(args: tuple[str, int, str]) -> tuple[np.ndarray | None, str]:
+    path, short_side, interpolation = args
+    try:
+        return decode_resized(Path(path), short_side, interpolation), ""
+    except ImageReadError as exc:
+        return None, str(exc)
+
+
+def content_key(paths: Sequence[Path], short_side: int, interpolation: str) -> str:
+    """Hash of every file's bytes (in order) and the decode settings."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION}:{short_side}:{interpolation}:{len(paths)}".encode())
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            data = b"<unreadable>"
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()[:32]
+
+
+@dataclass
+class DecodedImages:
+    """uint8 CHW tensors by index; `errors[i]` holds the reason an image could not be decoded."""
+
+    buffer: np.ndarray
+    offsets: np.ndarray
+    shapes: np.ndarray
+    errors: dict[int, str]
+    path: Path
+    in_memory: bool
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buffer.nbytes)
+
+    def get(self, index: int) -> torch.Tensor | None:
+        if index in self.errors:
+            return None
+        h, w = (int(v) for v in self.shapes[index])
+        start = int(self.offsets[index])
+        hwc = np.asarray(self.buffer[start : start + h * w * 3]).reshape(h, w, 3)
+        return torch.from_numpy(np.array(hwc)).permute(2, 0, 1)
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def build_or_open(
+    paths: Sequence[Path],
+    short_side: int,
+    interpolation: str = "bilinear",
+    cache_dir: str | Path | None = None,
+    mode: str = "auto",
+    workers: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> DecodedImages:
+    """The decoded images of `paths`, from the cache file if one matches, else built now."""
+    directory = Path(cache_dir) if cache_dir else default_cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    key = content_key(paths, short_side, interpolation)
+    data_path = directory / f"{key}.u8"
+    index_path = directory / f"{key}.json"
+    if not (data_path.is_file() and index_path.is_file()):
+        _build(paths, short_side, interpolation, data_path, index_path, workers, progress)
+    index = json.loads(index_path.read_text())
+    offsets = np.array(index["offsets"], dtype=np.int64)
+    shapes = np.array(index["shapes"], dtype=np.int64).reshape(-1, 2)
+    size = data_path.stat().st_size
+    in_memory = mode == "memory" or (mode == "auto" and size < _available_memory() // 4)
+    if in_memory:
+        buffer = np.fromfile(data_path, dtype=np.uint8)
+    else:
+        buffer = np.memmap(data_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    errors = {int(k): v for k, v in index["errors"].items()}
+    return DecodedImages(buffer, offsets, shapes, errors, data_path, in_memory)
+
+
+def _build(
+    paths: Sequence[Path],
+    short_side: int,
+    interpolation: str,
+    data_path: Path,
+    index_path: Path,
+    workers: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    offsets, shapes, errors = [], [], {}
+    jobs = [(str(p), short_side, interpolation) for p in paths]
+    position = 0
+    with atomic_path(data_path) as tmp, open(tmp, "wb") as out:
+        if workers > 1:
+            pool = ProcessPoolExecutor(max_workers=workers)
+            results = pool.map(_decode_job, jobs, chunksize=16)
+        else:
+            pool = None
+            results = map(_decode_job, jobs)
+        try:
+            for i, (array, error) in enumerate(results):
+                offsets.append(position)
+                if array is None:
+                    shapes.append((0, 0))
+                    errors[i] = error
+                else:
+                    shapes.append(array.shape[:2])
+                    out.write(array.tobytes())
+                    position += array.nbytes
+                if progress:
+                    progress(i + 1, len(jobs))
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        out.flush()
+    with atomic_path(index_path) as tmp:
+        tmp.write_text(
+            json.dumps(
+                {
+                    "offsets": offsets,
+                    "shapes": [list(s) for s in shapes],
+                    "errors": {str(k): v for k, v in errors.items()},
+                }
+            )
+        )

@@ -1,0 +1,172 @@
+"""Datasets and loaders: decode robustly, transform with timm, never let one bad file stop a run.
+
+A file that cannot be decoded yields a blank image with target -1 (ignored by the loss and the
+metrics) plus its reason, so batches keep their shape across processes and the file is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Dataset
+
+from clothcli.config import AugmentConfig
+from clothcli.data.images import ImageReadError, load_rgb
+from clothcli.models import Preprocess
+
+IGNORE_INDEX = -1
+
+
+def train_transform(pre: Preprocess, aug: AugmentConfig) -> Callable:
+    return create_transform(
+        input_size=pre.input_size,
+        is_training=True,
+        scale=tuple(aug.scale),
+        ratio=tuple(aug.ratio),
+        hflip=aug.hflip,
+        color_jitter=aug.color_jitter or None,
+        auto_augment=aug.auto_augment,
+        interpolation=pre.interpolation,
+        mean=pre.mean,
+        std=pre.std,
+    )
+
+
+def eval_transform(pre: Preprocess) -> Callable:
+    return create_transform(
+        input_size=pre.input_size,
+        is_training=False,
+        interpolation=pre.interpolation,
+        mean=pre.mean,
+        std=pre.std,
+        crop_pct=pre.crop_pct,
+    )
+
+
+def decode_size(pre: Preprocess) -> int:
+    """Shortest side worth decoding: what the eval resize needs (JPEG draft may go no lower)."""
+    return math.ceil(pre.input_size / pre.crop_pct)
+
+
+def scale_size(pre: Preprocess) -> int:
+    """The short side timm's eval transform resizes to before its centre crop."""
+    return math.floor(pre.input_size / pre.crop_pct)
+
+
+def tensor_train_transform(pre: Preprocess, aug: AugmentConfig) -> Callable:
+    """The training augmentation on uint8 CHW tensors (torchvision.transforms.v2)."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    interpolation = InterpolationMode(pre.interpolation)
+    steps: list = [
+        v2.RandomResizedCrop(
+            pre.input_size, scale=tuple(aug.scale), ratio=tuple(aug.ratio), interpolation=interpolation, antialias=True
+        ),
+    ]
+    if aug.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(aug.hflip))
+    if aug.color_jitter:
+        steps.append(v2.ColorJitter(aug.color_jitter, aug.color_jitter, aug.color_jitter))
+    if aug.auto_augment:
+        name = aug.auto_augment.split("-")[0]
+        if name == "rand":
+            steps.append(v2.RandAugment(interpolation=interpolation))
+        elif name in ("trivialaugment", "ta_wide", "trivial"):
+            steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
+        else:
+            steps.append(v2.AutoAugment(interpolation=interpolation))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))]
+    return v2.Compose(steps)
+
+
+def tensor_eval_transform(pre: Preprocess) -> Callable:
+    """Centre crop and normalise an image already resized to `scale_size` (equals `eval_transform`)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.CenterCrop(pre.input_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(pre.mean), list(pre.std)),
+        ]
+    )
+
+
+class ImageFiles(Dataset):
+    """(path, target) pairs decoded to upright RGB and transformed."""
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable, decode_min: int | None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.decode_min = decode_min
+        self._blank: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, str]:
+        path, target = self.samples[index]
+        try:
+            image = self.transform(load_rgb(path, min_size=self.decode_min))
+            if self._blank is None:
+                self._blank = torch.zeros_like(image)
+            return image, target, index, ""
+        except ImageReadError as exc:
+            return self._blank_like(), IGNORE_INDEX, index, str(exc)
+
+    def _blank_like(self) -> torch.Tensor:
+        if self._blank is None:
+            from PIL import Image
+
+            self._blank = torch.zeros_like(self.transform(Image.new("RGB", (64, 64))))
+        return self._blank
+
+
+class CachedImages(Dataset):
+    """The same items as ImageFiles, read from a DecodedImages cache instead of the files."""
+
+    def __init__(self, images: Any, targets: Sequence[int], transform: Callable):
+        self.images = images
+        self.targets = list(targets)
+        self.transform = transform
+        self._blank: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, str]:
+        image = self.images.get(index)
+        if image is None:
+            if self._blank is None:
+                self._blank = torch.zeros_like(self.transform(torch.zeros(3, 64, 64, dtype=torch.uint8)))
+            return self._blank, IGNORE_INDEX, index, self.images.errors[index]
+        return self.transform(image), self.targets[index], index, ""
+
+
+def collate(
+    batch: list[tuple[torch.Tensor, int, int, str]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    images, targets, indices, errors = zip(*batch)
+    return (torch.stack(images), torch.tensor(targets), torch.tensor(indices), list(errors))
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, sampler: Any = None, drop_last: bool = False
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        # Workers restart each epoch so their seeds follow the per-epoch seed (exact resume).
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
