@@ -86,7 +86,7 @@ layer_spec = st.tuples(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(layer_spec, min_size=1, max_size=5))
 def test_random_stacks_analytic_equals_empirical(specs):
     layers = []
