@@ -6,7 +6,7 @@ from clothcli import __version__
 from clothcli.cli import app
 
 runner = CliRunner()
-COMMANDS = ["analyze-data", "train", "evaluate"]
+COMMANDS = ["analyze-data", "tune", "train", "evaluate", "flops", "rf", "predict"]
 
 
 def plain(text: str) -> str:
