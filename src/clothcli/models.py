@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from torch import nn
 
 from clothcli.config import ModelConfig, PreprocessConfig
@@ -155,10 +154,6 @@ def resolve_preprocess(model: nn.Module, cfg: PreprocessConfig) -> Preprocess:
     return Preprocess(size, interpolation, mean, std, crop_pct)  # type: ignore[arg-type]
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def cpu_supports_bf16() -> bool:
     """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
     try:
@@ -166,7 +161,3 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

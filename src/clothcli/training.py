@@ -7,7 +7,6 @@ run was stopped before it. `last/` and `state/` are written at each epoch end.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -323,14 +322,6 @@ def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
-
-
-@contextlib.contextmanager
-def _timer() -> Iterator[list[float]]:
-    box = [0.0]
-    start = time.perf_counter()
-    yield box
-    box[0] = time.perf_counter() - start
 
 
 def train(
