@@ -8,7 +8,16 @@ from clothcli.cli import app
 from clothcli.config import load_config
 from clothcli.errors import UserError
 from clothcli.training import prepare
-from clothcli.tuning import binsearch_max_batch, lr_range_test, scale_lr, suggest, valley, write_lr
+from clothcli.tuning import (
+    RangeTest,
+    binsearch_max_batch,
+    lr_for_training,
+    lr_range_test,
+    scale_lr,
+    suggest,
+    valley,
+    write_lr,
+)
 from conftest import TINY_OVERRIDES
 
 TINY = TINY_OVERRIDES
@@ -56,6 +65,42 @@ def test_suggestions_on_a_known_curve():
     assert 1e-4 <= s["valley"] <= 1e-1
     assert s["min_loss/10"] == pytest.approx(lrs[losses.index(min(losses))] / 10)
     assert valley(lrs, losses) == s["valley"]
+
+
+def test_valley_skips_the_creeping_plateau_of_a_zero_initialised_head():
+    # the shape measured on the clothing data: 2.3026 creeping down by ~1e-5 per step for 40 steps
+    # (one long descending stretch), then the real descent to a minimum near 0.2, then divergence
+    lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
+    losses = []
+    for lr in lrs:
+        if lr < 1e-4:
+            losses.append(2.3026 - 1e-2 * lr / 1e-4)
+        elif lr < 0.2:
+            losses.append(2.2926 - 0.33 * (torch.tensor(lr / 1e-4).log10().item() / 3.3))
+        else:
+            losses.append(1.96 + (lr - 0.2) * 2)
+    pick = valley(lrs, losses)
+    bottom = lrs[losses.index(min(losses))]
+    assert 1e-3 < pick < bottom
+    assert valley(lrs, losses, plateau=0.0) < 1e-3  # fastai's rule alone lands in the creep
+
+
+def test_valley_never_picks_past_the_minimum():
+    lrs = [10 ** (-5 + 5 * i / 49) for i in range(50)]
+    # a short descent to an early minimum, then a long, gently falling tail that stays above it:
+    # the longest descending stretch lies in the tail, which fastai's rule would pick
+    losses = [2.0 - 0.1 * i for i in range(10)] + [1.5 - 0.005 * i for i in range(40)]
+    losses[9] = 0.5
+    assert valley(lrs, losses) <= lrs[9]
+
+
+def test_scaled_lr_is_capped_at_the_loss_minimum():
+    lrs = [10 ** (-4 + 4 * i / 19) for i in range(20)]
+    losses = [2.0 - 0.1 * i for i in range(15)] + [1.0 + i for i in range(5)]
+    result = RangeTest(lrs, losses, losses, {"valley": lrs[7]}, "valley", True, 1.0, batch_size=8)
+    assert lr_for_training(result, 8, 1, "sgd") == pytest.approx(lrs[7])
+    assert lr_for_training(result, 8, 2, "sgd") == pytest.approx(2 * lrs[7])
+    assert lr_for_training(result, 8, 1, "sgd", chosen_batch=256) == pytest.approx(lrs[14])
 
 
 def test_binsearch_finds_the_largest_fitting_batch():

@@ -445,7 +445,7 @@ def tune(
     """Learning-rate range test and batch-size search; writes a suggestion."""
     import copy
 
-    from clothcli.tuning import batch_size_search, lr_range_test, plot_range_test, scale_lr, write_lr
+    from clothcli.tuning import batch_size_search, lr_for_training, lr_range_test, plot_range_test, write_lr
 
     cfg = _config_from_options(config, set_, False, data=data, weights=weights)
     if not (lr_test or batch_search):
@@ -461,10 +461,9 @@ def tune(
         with render.TrainProgress() as progress:
             result = lr_range_test(test_cfg, min_lr, max_lr, steps, reporter=progress)
         plot_range_test(result, plot)
-        effective = cfg.train.batch_size * cfg.train.grad_accum
-        suggested_lr = scale_lr(result.suggested_lr, cfg.train.batch_size, effective, cfg.optim.name)
-        if search is not None and search.best:
-            suggested_lr = scale_lr(suggested_lr, effective, search.best * cfg.train.grad_accum, cfg.optim.name)
+        suggested_lr = lr_for_training(
+            result, cfg.train.batch_size, cfg.train.grad_accum, cfg.optim.name, search.best if search else None
+        )
     render.tuning(result, search, suggested_lr, cfg, plot if result else None)
     if write:
         write_lr(
