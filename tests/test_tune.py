@@ -170,3 +170,13 @@ def test_cli_tune_cpu(tiny_dataset, tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "# keep me" in cfg.read_text()
     assert load_config(cfg).optim.lr == pytest.approx(float(f"{data['suggested_lr']:.3g}"))
+
+
+def test_terminal_curve_is_not_flattened_by_the_final_blow_up():
+    from clothcli.render import sparkline
+
+    losses = [2.3] * 30 + [2.3 - 0.03 * i for i in range(30)] + [1.4, 3.0, 50.0, 500.0]
+    plain = sparkline(losses)
+    clipped = sparkline(losses, ceiling=losses[0] * 1.1)
+    assert set(plain[:50]) == {"▁"}
+    assert clipped[0] != clipped[55] and clipped[-1] == "█"

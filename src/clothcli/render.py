@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
+import numpy as np
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -434,16 +435,25 @@ def receptive_fields(report, depth: int, check: dict | None) -> None:
         )
 
 
-def sparkline(values: list[float], width: int = 60) -> str:
-    """A one-line unicode chart of `values` (resampled to `width`)."""
+def sparkline(values: list[float], width: int = 60, ceiling: float | None = None) -> str:
+    """A one-line unicode chart of `values` (resampled to `width`), clipped at `ceiling` so that a
+    final blow-up does not flatten the interesting part into one row."""
     if not values:
         return ""
     ticks = "▁▂▃▄▅▆▇█"
     step = max(1, len(values) / width)
     sampled = [values[min(len(values) - 1, int(i * step))] for i in range(min(width, len(values)))]
+    if ceiling is not None:
+        sampled = [min(v, ceiling) for v in sampled]
     lo, hi = min(sampled), max(sampled)
     span = (hi - lo) or 1.0
     return "".join(ticks[int((v - lo) / span * (len(ticks) - 1))] for v in sampled)
+
+
+def _marker(values: list[float], index: int, width: int = 60) -> str:
+    """A caret under the sparkline column that shows values[index]."""
+    step = max(1, len(values) / width)
+    return " " * min(width - 1, int(index / step)) + "^"
 
 
 def tuning(result, search, suggested_lr, cfg, plot_path) -> None:
@@ -471,17 +481,19 @@ def tuning(result, search, suggested_lr, cfg, plot_path) -> None:
             + (", stopped: loss diverged" if result.stopped_early else "")
             + ")"
         )
-        console.print(sparkline(result.losses), highlight=False)
+        chosen = int(np.argmin(np.abs(np.log(result.lrs) - np.log(result.suggested_lr))))
+        console.print(sparkline(result.losses, ceiling=result.losses[0] * 1.1), highlight=False)
+        console.print(_marker(result.losses, chosen) + f" {result.default} {result.suggested_lr:.2e}", highlight=False)
         table = Table(title="Learning-rate suggestions")
         table.add_column("method")
         table.add_column("lr", justify="right")
         for name, lr in result.suggestions.items():
             table.add_row(name + (" (default)" if name == result.default else ""), f"{lr:.2e}")
         console.print(table)
+        batch = search.best if search is not None and search.best else cfg.train.batch_size
         console.print(
-            f"suggested optim.lr for batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}"
-            f"{' at the chosen batch size' if search is not None and search.best else ''}: "
-            f"[bold]{suggested_lr:.3g}[/] (linear scaling with batch for SGD, square root for adaptive "
-            f"optimizers); plot: {plot_path}",
+            f"suggested optim.lr: [bold]{suggested_lr:.3g}[/] for batch {batch} x accumulation "
+            f"{cfg.train.grad_accum} (the test ran at batch {result.batch_size}; linear scaling for SGD, "
+            f"square root for adaptive optimizers, capped at the loss minimum); plot: {plot_path}",
             highlight=False,
         )
