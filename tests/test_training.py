@@ -254,6 +254,19 @@ def test_evaluate_reports_unreadable(tiny_dataset, tmp_path):
     assert [u["path"].endswith("broken.jpg") for u in report["unreadable"]] == [True]
 
 
+def test_evaluate_at_another_test_size(tiny_dataset, tmp_path):
+    result = train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=1))
+    from clothcli.evaluation import evaluate_checkpoint
+
+    trained = evaluate_checkpoint(result.run_dir, tiny_dataset, workers=0)
+    larger = evaluate_checkpoint(result.run_dir, tiny_dataset, workers=0, input_size=48, crop_pct=1.0)
+    assert trained["preprocess"]["input_size"] == 32
+    assert larger["preprocess"]["input_size"] == 48 and larger["preprocess"]["crop_pct"] == 1.0
+    assert larger["n"] == trained["n"] == 12
+    out = runner.invoke(app, ["evaluate", str(result.run_dir), str(tiny_dataset), "--input-size", "8"])
+    assert out.exit_code == 2 and "input-size" in out.output
+
+
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tiny_dataset, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

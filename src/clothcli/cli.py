@@ -236,6 +236,14 @@ def evaluate(
     tta: Annotated[
         bool, typer.Option(help="Average with the horizontally flipped image (test-time augmentation).")
     ] = False,
+    input_size: Annotated[
+        int | None,
+        typer.Option(min=16, max=4096, help="Test at this size instead of the trained one.", show_default="trained"),
+    ] = None,
+    crop_pct: Annotated[
+        float | None,
+        typer.Option(min=0.1, max=1.0, help="Centre-crop fraction instead of the trained one.", show_default="trained"),
+    ] = None,
     normalize: Annotated[bool, typer.Option(help="Show the confusion matrix normalised per true class.")] = False,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the report as JSON.", show_default="not written")
@@ -261,7 +269,9 @@ def evaluate(
     from clothcli.io_utils import atomic_write_text
 
     with render.progress_bar("evaluating"):
-        report = evaluate_checkpoint(checkpoint, data, split, batch_size, workers, tta)
+        report = evaluate_checkpoint(
+            checkpoint, data, split, batch_size, workers, tta, input_size=input_size, crop_pct=crop_pct
+        )
     render.evaluation(report, normalize)
     if json_path:
         write_json(json_path, report)

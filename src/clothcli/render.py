@@ -248,7 +248,7 @@ def train_summary(result) -> None:
 def evaluation(report: dict, normalize: bool = False) -> None:
     """Render the evaluate report: accuracy, averages, per class, confusion matrix."""
     console.print(
-        f"[bold]{report['arch']}[/] on {report['folder']}"
+        f"[bold]{report['arch']}[/] on {report['folder']} at {report['preprocess']['input_size']} px"
         + (" (with horizontal-flip TTA)" if report["tta_flip"] else ""),
         highlight=False,
     )
