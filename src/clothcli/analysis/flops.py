@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
-from torch.utils.module_tracker import ModuleTracker
+
+from clothcli.analysis.tracking import ModuleTracking
 
 MATMUL_OPS = {
     "convolution",
@@ -109,22 +110,13 @@ def _numel(x: Any) -> int:
     return 0
 
 
-class OpCounter(TorchDispatchMode):
+class OpCounter(ModuleTracking, TorchDispatchMode):
     """Counts MACs (matrix-product class) and complete FLOPs per module, at the aten level."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.tracker = ModuleTracker()
         self.macs: dict[str, float] = defaultdict(float)
         self.flops: dict[str, float] = defaultdict(float)
-
-    def __enter__(self):
-        self.tracker.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *args):
-        super().__exit__(*args)
-        self.tracker.__exit__(*args)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.module_tracker import ModuleTracker
+
+from clothcli.analysis.tracking import ModuleTracking
 
 
 @dataclass(frozen=True)
@@ -140,14 +141,13 @@ MERGES = {
 MIXERS = {"matmul", "__matmul__", "bmm", "baddbmm", "scaled_dot_product_attention", "einsum"}
 
 
-class RFTracer(TorchFunctionMode):
+class RFTracer(ModuleTracking, TorchFunctionMode):
     """Propagates RF states through a forward pass and records each module's output."""
 
     def __init__(self) -> None:
         super().__init__()
         self.states: dict[int, RF] = {}
         self.keep: list[torch.Tensor] = []
-        self.tracker = ModuleTracker()
         self.merges: list[Merge] = []
         self.unsupported: list[str] = []
 
@@ -169,14 +169,6 @@ class RFTracer(TorchFunctionMode):
             return "input"
         deepest = max(names, key=len)
         return deepest.split(".", 1)[1] if "." in deepest else deepest  # drop the root class name
-
-    def __enter__(self):
-        self.tracker.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *args):
-        super().__exit__(*args)
-        self.tracker.__exit__(*args)
 
     # -- propagation ------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
