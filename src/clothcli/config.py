@@ -37,6 +37,9 @@ class DataConfig:
     num_workers: int = field(default=2, metadata=_range(0, 256))
     cache: Literal["none", "memory", "disk", "auto"] = "auto"
     cache_dir: str | None = None
+    # where colour jitter and normalisation run: in the loader workers, or batched on the training
+    # device (needs the cache); auto = device on a GPU, workers on a CPU
+    augment_on: Literal["auto", "workers", "device"] = "auto"
 
 
 @dataclass

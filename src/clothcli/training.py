@@ -30,6 +30,7 @@ from torch.utils.data import WeightedRandomSampler
 
 from clothcli.checkpoint import save_checkpoint
 from clothcli.config import Config, from_dict, save_config, to_dict
+from clothcli.data.batch_augment import BatchAugment, DeviceTransformLoader
 from clothcli.data.layout import DatasetIndex, index_dataset
 from clothcli.data.loading import (
     IGNORE_INDEX,
@@ -117,7 +118,7 @@ def make_accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Accele
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,
         cpu=cpu,
-        dataloader_config=DataLoaderConfiguration(even_batches=True),
+        dataloader_config=DataLoaderConfiguration(even_batches=True, non_blocking=torch.cuda.is_available()),
         step_scheduler_with_optimizer=False,
     )
 
@@ -146,9 +147,21 @@ class _Data:
     val_loader: Any | None
     sampler_generator: torch.Generator | None
     class_counts: list[int]
+    augment_on_device: bool
 
 
-def _datasets(cfg: Config, index: DatasetIndex, pre: Preprocess, reporter: Reporter) -> tuple[Any, Any]:
+def augment_on_device(cfg: Config, device_type: str) -> bool:
+    """Whether colour jitter and normalisation run batched on the training device."""
+    if cfg.data.augment_on == "device" and cfg.data.cache == "none":
+        raise UserError("data.augment_on=device needs the decode cache (data.cache: auto, memory or disk)")
+    if cfg.data.augment_on == "auto":
+        return device_type == "cuda" and cfg.data.cache != "none"
+    return cfg.data.augment_on == "device"
+
+
+def _datasets(
+    cfg: Config, index: DatasetIndex, pre: Preprocess, reporter: Reporter, on_device: bool
+) -> tuple[Any, Any]:
     """Train and validation datasets: from the decode cache, or decoding files every epoch."""
     train = index.splits["train"]
     val = index.splits.get("validation")
@@ -163,8 +176,8 @@ def _datasets(cfg: Config, index: DatasetIndex, pre: Preprocess, reporter: Repor
 
     out = []
     for name, samples, transform in (
-        ("train", train.samples, tensor_train_transform(pre, cfg.augment)),
-        ("validation", val_samples, tensor_eval_transform(pre)),
+        ("train", train.samples, tensor_train_transform(pre, cfg.augment, uint8_out=on_device)),
+        ("validation", val_samples, tensor_eval_transform(pre, uint8_out=on_device)),
     ):
         if not samples:
             out.append(None)
@@ -187,10 +200,11 @@ def _datasets(cfg: Config, index: DatasetIndex, pre: Preprocess, reporter: Repor
     return out[0], out[1]
 
 
-def _build_data(cfg: Config, index: DatasetIndex, pre: Preprocess, reporter: Reporter) -> _Data:
+def _build_data(cfg: Config, index: DatasetIndex, pre: Preprocess, reporter: Reporter, device_type: str) -> _Data:
     train = index.splits["train"]
     counts = train.class_counts(len(index.classes))
-    train_ds, val_ds = _datasets(cfg, index, pre, reporter)
+    on_device = augment_on_device(cfg, device_type)
+    train_ds, val_ds = _datasets(cfg, index, pre, reporter, on_device)
     generator = torch.Generator()
     if cfg.train.imbalance == "sampler":
         weights = [1.0 / counts[t] for t in train.targets]
@@ -207,7 +221,7 @@ def _build_data(cfg: Config, index: DatasetIndex, pre: Preprocess, reporter: Rep
     val_loader = None
     if val_ds is not None:
         val_loader = make_loader(val_ds, cfg.train.eval_batch_size or cfg.train.batch_size, cfg.data.num_workers)
-    return _Data(index, train_loader, val_loader, generator, counts)
+    return _Data(index, train_loader, val_loader, generator, counts, on_device)
 
 
 @dataclass
@@ -252,7 +266,7 @@ def prepare(cfg: Config, reporter: Reporter | None = None, optimizer_lr: float |
     pre = resolve_preprocess(model, cfg.preprocess)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    data = _build_data(cfg, index, pre, reporter)
+    data = _build_data(cfg, index, pre, reporter, accelerator.device.type)
     optimizer = create_optimizer_v2(
         model,
         opt=cfg.optim.name,
@@ -262,6 +276,10 @@ def prepare(cfg: Config, reporter: Reporter | None = None, optimizer_lr: float |
     )
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, data.train_loader)
     val_loader = accelerator.prepare(data.val_loader) if data.val_loader is not None else None
+    if data.augment_on_device:
+        train_loader = DeviceTransformLoader(train_loader, BatchAugment(pre.mean, pre.std, cfg.augment.color_jitter))
+        if val_loader is not None:
+            val_loader = DeviceTransformLoader(val_loader, BatchAugment(pre.mean, pre.std))
     loss_fn = _loss_fn(cfg, data.class_counts, accelerator.device)
     return Setup(accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre)
 

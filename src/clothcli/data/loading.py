@@ -58,8 +58,11 @@ def scale_size(pre: Preprocess) -> int:
     return math.floor(pre.input_size / pre.crop_pct)
 
 
-def tensor_train_transform(pre: Preprocess, aug: AugmentConfig) -> Callable:
-    """The training augmentation on uint8 CHW tensors (torchvision.transforms.v2)."""
+def tensor_train_transform(pre: Preprocess, aug: AugmentConfig, uint8_out: bool = False) -> Callable:
+    """The training augmentation on uint8 CHW tensors (torchvision.transforms.v2).
+
+    With `uint8_out` it stops before colour jitter and normalisation, which `BatchAugment` then does
+    on the device."""
     from torchvision.transforms import InterpolationMode, v2
 
     interpolation = InterpolationMode(pre.interpolation)
@@ -70,7 +73,7 @@ def tensor_train_transform(pre: Preprocess, aug: AugmentConfig) -> Callable:
     ]
     if aug.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(aug.hflip))
-    if aug.color_jitter:
+    if aug.color_jitter and not uint8_out:
         steps.append(v2.ColorJitter(aug.color_jitter, aug.color_jitter, aug.color_jitter))
     if aug.auto_augment:
         name = aug.auto_augment.split("-")[0]
@@ -80,21 +83,20 @@ def tensor_train_transform(pre: Preprocess, aug: AugmentConfig) -> Callable:
             steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
         else:
             steps.append(v2.AutoAugment(interpolation=interpolation))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))]
+    if not uint8_out:
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))]
     return v2.Compose(steps)
 
 
-def tensor_eval_transform(pre: Preprocess) -> Callable:
-    """Centre crop and normalise an image already resized to `scale_size` (equals `eval_transform`)."""
+def tensor_eval_transform(pre: Preprocess, uint8_out: bool = False) -> Callable:
+    """Centre crop and normalise an image already resized to `scale_size` (equals `eval_transform`);
+    with `uint8_out` only the crop (`BatchAugment` normalises on the device)."""
     from torchvision.transforms import v2
 
-    return v2.Compose(
-        [
-            v2.CenterCrop(pre.input_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(pre.mean), list(pre.std)),
-        ]
-    )
+    steps: list = [v2.CenterCrop(pre.input_size)]
+    if not uint8_out:
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))]
+    return v2.Compose(steps)
 
 
 class ImageFiles(Dataset):

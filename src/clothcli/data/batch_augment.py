@@ -1,0 +1,71 @@
+"""The float half of the input pipeline, run on whole batches where the model runs.
+
+With `data.augment_on: device` the DataLoader workers only crop, flip and auto-augment uint8 images
+(cheap integer work on the CPU, a quarter of the bytes to copy to the GPU), and the rest happens here
+on the device, batched: uint8 -> float, per-image colour jitter, normalisation. The arithmetic is
+torchvision's (`to_dtype`, `adjust_brightness/contrast/saturation`, `normalize`) with one factor per
+image instead of one per call, so an image comes out as the per-image pipeline would make it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torchvision.transforms.v2 import functional as F
+
+BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
+
+
+def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    """Brightness, contrast and saturation of float images in [0, 1] (N,3,H,W); `factors` is (3, N):
+    one factor per adjustment and image, applied in `order` (torchvision's blend and clamp)."""
+    for op in order:
+        f = factors[op].view(-1, 1, 1, 1)
+        if op == BRIGHTNESS:
+            images = images.mul(f).clamp_(0, 1)
+        else:
+            gray = F.rgb_to_grayscale(images, num_output_channels=1)
+            other = gray.mean(dim=(-3, -2, -1), keepdim=True) if op == CONTRAST else gray
+            images = images.mul(f).add_(other.mul(1 - f)).clamp_(0, 1)
+    return images
+
+
+class BatchAugment:
+    """uint8 batch -> jittered (training only), normalised float batch, on the batch's device."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], jitter: float = 0.0):
+        self.mean = list(mean)
+        self.std = list(std)
+        self.jitter = jitter
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.to_dtype(images, torch.float32, scale=True)
+        if self.jitter:
+            n = x.shape[0]
+            # ColorJitter's ranges: uniform in [max(0, 1 - j), 1 + j]; the order is drawn per batch.
+            low = max(0.0, 1 - self.jitter)
+            factors = torch.rand(3, n, device=x.device).mul_(1 + self.jitter - low).add_(low)
+            x = color_jitter(x, factors, torch.randperm(3).tolist())
+        return F.normalize(x, self.mean, self.std)
+
+
+class DeviceTransformLoader:
+    """A loader whose image batches get `transform` applied after they reached the device."""
+
+    def __init__(self, loader: Any, transform: BatchAugment):
+        self.loader = loader
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any, Any, Any]]:
+        for images, targets, indices, errors in self.loader:
+            yield self.transform(images), targets, indices, errors
