@@ -46,7 +46,7 @@ def isolated(fn, *args) -> dict:
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measured, args=(queue, fn, *args))
+    proc = ctx.Process(target=_measured, args=(queue, multiprocessing.get_start_method(), fn, *args))
     proc.start()
     result = queue.get()
     proc.join()
@@ -55,7 +55,13 @@ def isolated(fn, *args) -> dict:
     return result
 
 
-def _measured(queue, fn, *args) -> None:
+def _measured(queue, start_method: str, fn, *args) -> None:
+    # A spawned child defaults to starting its own children (the DataLoader workers) by spawn too;
+    # give it the start method a process launched from the shell has on this platform, as
+    # `clothcli train` has. (Left as spawn, every worker re-imported torch each epoch.)
+    import multiprocessing
+
+    multiprocessing.set_start_method(start_method, force=True)
     try:
         result = fn(*args)
         result["peak_rss_mb"] = peak_rss_mb()

@@ -55,3 +55,26 @@ def test_memory_mapped_mode_and_bad_files(tiny_dataset, tmp_path):
     assert target == -1 and error and image.shape == (3, 24, 24)
     image, target, _, error = dataset[(broken + 1) % len(paths)]
     assert image.shape == (3, 24, 24) and image.dtype == torch.float32 and error == ""
+
+
+def test_in_memory_cache_travels_to_spawned_workers_as_its_file(tiny_dataset, tmp_path):
+    import pickle
+
+    paths = [p for p, _ in index_dataset(tiny_dataset).splits["train"].samples]
+    images = build_or_open(paths, 20, "bilinear", tmp_path / "c", mode="memory", workers=1)
+    assert images.in_memory
+    blob = pickle.dumps(images)
+    assert len(blob) < images.nbytes / 4
+    copy = pickle.loads(blob)
+    assert all(torch.equal(copy.get(i), images.get(i)) for i in range(len(paths)))
+
+
+def test_loader_with_spawned_workers_reads_the_cache(tiny_dataset, tmp_path):
+    from torch.utils.data import DataLoader
+
+    samples = index_dataset(tiny_dataset).splits["train"].samples
+    images = build_or_open([p for p, _ in samples], scale_size(PRE), "bilinear", tmp_path / "c", mode="memory")
+    dataset = CachedImages(images, [t for _, t in samples], tensor_eval_transform(PRE))
+    loader = DataLoader(dataset, batch_size=len(samples), num_workers=1, multiprocessing_context="spawn")
+    batch = next(iter(loader))[0]
+    assert torch.equal(batch, torch.stack([dataset[i][0] for i in range(len(samples))]))

@@ -85,6 +85,20 @@ class DecodedImages:
     def nbytes(self) -> int:
         return int(self.buffer.nbytes)
 
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by spawn/forkserver (macOS, Python >= 3.14, or any process that is
+        # itself spawned) get the object pickled: send the cache file's name, not a copy of every image
+        # (570 MB per worker per epoch made such workers 7x slower in the training benchmark).
+        state = self.__dict__.copy()
+        if self.in_memory:
+            state["buffer"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.buffer is None:
+            self.buffer = _map(self.path)
+
     def get(self, index: int) -> torch.Tensor | None:
         if index in self.errors:
             return None
@@ -102,6 +116,11 @@ def _available_memory() -> int:
     except OSError:
         pass
     return 4 << 30
+
+
+def _map(path: Path) -> np.ndarray:
+    """The cache file as a read-only memory map (an empty array for an empty file, which mmap refuses)."""
+    return np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
 
 
 def build_or_open(
@@ -126,10 +145,7 @@ def build_or_open(
     shapes = np.array(index["shapes"], dtype=np.int64).reshape(-1, 2)
     size = data_path.stat().st_size
     in_memory = mode == "memory" or (mode == "auto" and size < _available_memory() // 4)
-    if in_memory:
-        buffer = np.fromfile(data_path, dtype=np.uint8)
-    else:
-        buffer = np.memmap(data_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    buffer = np.fromfile(data_path, dtype=np.uint8) if in_memory else _map(data_path)
     errors = {int(k): v for k, v in index["errors"].items()}
     return DecodedImages(buffer, offsets, shapes, errors, data_path, in_memory)
 
