@@ -92,7 +92,7 @@ def plain_baseline(
         ]
     )
     dataset = datasets.ImageFolder(str(data / "train"), transform=tf)
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=len(dataset) > batch)
     kwargs = {"pretrained_cfg_overlay": {"file": weights}, "pretrained": True} if weights else {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = timm.create_model(model_name, num_classes=len(dataset.classes), **kwargs).to(device)
