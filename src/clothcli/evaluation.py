@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from clothcli.checkpoint import load_checkpoint
+from clothcli.data.batch_augment import TransformedBatches
 from clothcli.data.layout import find_split_dir, index_folder
 from clothcli.data.loading import IGNORE_INDEX, ImageFiles, decode_size, eval_transform, make_loader
 from clothcli.errors import UserError
@@ -60,7 +61,7 @@ def evaluate_checkpoint(
     model = model.to(memory_format=torch.channels_last)
     logits, targets, indices, errors = predict_batches(model, loader, accelerator, channels_last=True)
     if tta_flip:
-        flipped = _FlipLoader(loader)
+        flipped = TransformedBatches(loader, lambda images: images.flip(-1))
         logits_f, _, _, _ = predict_batches(model, flipped, accelerator, channels_last=True)
         probs = (logits.softmax(1) + logits_f.softmax(1)) / 2
     else:
@@ -87,20 +88,6 @@ def evaluate_checkpoint(
     )
     accelerator.end_training()
     return report
-
-
-class _FlipLoader:
-    """The same batches, mirrored left-right (horizontal-flip test-time augmentation)."""
-
-    def __init__(self, loader: Any):
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for images, targets, indices, errors in self.loader:
-            yield images.flip(-1), targets, indices, errors
 
 
 def errors_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from torch.utils.data import WeightedRandomSampler
 
 from clothcli.checkpoint import save_checkpoint
 from clothcli.config import Config, from_dict, save_config, to_dict
-from clothcli.data.batch_augment import BatchAugment, DeviceTransformLoader
+from clothcli.data.batch_augment import BatchAugment, TransformedBatches
 from clothcli.data.layout import DatasetIndex, index_dataset
 from clothcli.data.loading import (
     IGNORE_INDEX,
@@ -277,9 +277,9 @@ def prepare(cfg: Config, reporter: Reporter | None = None, optimizer_lr: float |
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, data.train_loader)
     val_loader = accelerator.prepare(data.val_loader) if data.val_loader is not None else None
     if data.augment_on_device:
-        train_loader = DeviceTransformLoader(train_loader, BatchAugment(pre.mean, pre.std, cfg.augment.color_jitter))
+        train_loader = TransformedBatches(train_loader, BatchAugment(pre.mean, pre.std, cfg.augment.color_jitter))
         if val_loader is not None:
-            val_loader = DeviceTransformLoader(val_loader, BatchAugment(pre.mean, pre.std))
+            val_loader = TransformedBatches(val_loader, BatchAugment(pre.mean, pre.std))
     loss_fn = _loss_fn(cfg, data.class_counts, accelerator.device)
     return Setup(accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre)
 

@@ -9,7 +9,7 @@ image instead of one per call, so an image comes out as the per-image pipeline w
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -51,20 +51,16 @@ class BatchAugment:
         return F.normalize(x, self.mean, self.std)
 
 
-class DeviceTransformLoader:
-    """A loader whose image batches get `transform` applied after they reached the device."""
+class TransformedBatches:
+    """A loader whose image batches get `transform` applied as they come out of it (after the
+    device copy when it is an Accelerate loader): batched augmentation, or a mirror for TTA."""
 
-    def __init__(self, loader: Any, transform: BatchAugment):
+    def __init__(self, loader: Any, transform: Callable[[torch.Tensor], torch.Tensor]):
         self.loader = loader
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.loader)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "loader":  # not set yet (copy, unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.loader, name)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Any, Any, Any]]:
         for images, targets, indices, errors in self.loader:
