@@ -19,6 +19,7 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -70,39 +71,45 @@ def _measured(queue, start_method: str, fn, *args) -> None:
         queue.put(RuntimeError(f"{fn.__name__} failed: {exc!r}"))
 
 
-def plain_baseline(
-    data: Path,
-    model_name: str,
-    weights: str | None,
-    size: int,
-    batch: int,
-    epochs: int,
-    workers: int,
-    max_steps: int | None,
-) -> dict:
+@dataclass
+class Workload:
+    """What every pipeline trains: the same data, model, size, batch, epochs and worker count."""
+
+    data: Path
+    model: str
+    weights: str | None
+    size: int
+    batch: int
+    epochs: int
+    workers: int
+
+
+def plain_baseline(w: Workload) -> dict:
     """The tutorial pipeline, timed the same way clothcli times itself (per epoch, waits measured)."""
     torch.manual_seed(0)
     tf = transforms.Compose(
         [
-            transforms.RandomResizedCrop(size, scale=(0.25, 1.0)),
+            transforms.RandomResizedCrop(w.size, scale=(0.25, 1.0)),
             transforms.RandomHorizontalFlip(),
             transforms.ColorJitter(0.2, 0.2, 0.2),
             transforms.ToTensor(),
             transforms.Normalize([0.5] * 3, [0.5] * 3),
         ]
     )
-    dataset = datasets.ImageFolder(str(data / "train"), transform=tf)
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=len(dataset) > batch)
-    kwargs = {"pretrained_cfg_overlay": {"file": weights}, "pretrained": True} if weights else {}
+    dataset = datasets.ImageFolder(str(w.data / "train"), transform=tf)
+    loader = DataLoader(
+        dataset, batch_size=w.batch, shuffle=True, num_workers=w.workers, drop_last=len(dataset) > w.batch
+    )
+    kwargs = {"pretrained_cfg_overlay": {"file": w.weights}, "pretrained": True} if w.weights else {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = timm.create_model(model_name, num_classes=len(dataset.classes), **kwargs).to(device)
+    model = timm.create_model(w.model, num_classes=len(dataset.classes), **kwargs).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     epochs_timed = []
-    for _ in range(epochs):
+    for _ in range(w.epochs):
         images, wait = 0, 0.0
         start = mark = time.perf_counter()
-        for step, (x, y) in enumerate(loader, 1):
+        for x, y in loader:
             wait += time.perf_counter() - mark
             x, y = x.to(device), y.to(device)
             loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -111,8 +118,6 @@ def plain_baseline(
             optimizer.zero_grad()
             images += len(x)
             mark = time.perf_counter()
-            if max_steps and step >= max_steps:
-                break
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -139,27 +144,15 @@ def summarize(epochs: list[dict]) -> dict:
     }
 
 
-def clothcli_run(
-    data: Path,
-    model_name: str,
-    weights: str | None,
-    size: int,
-    batch: int,
-    epochs: int,
-    workers: int,
-    cache: str,
-    channels_last: bool,
-    precision: str,
-    out: Path,
-) -> dict:
+def clothcli_run(w: Workload, cache: str, channels_last: bool, precision: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     overrides = [
-        f"data.root={data}",
-        f"model.name={model_name}",
-        f"preprocess.input_size={size}",
-        f"train.batch_size={batch}",
-        f"train.epochs={epochs}",
-        f"data.num_workers={workers}",
+        f"data.root={w.data}",
+        f"model.name={w.model}",
+        f"preprocess.input_size={w.size}",
+        f"train.batch_size={w.batch}",
+        f"train.epochs={w.epochs}",
+        f"data.num_workers={w.workers}",
         f"data.cache={cache}",
         f"train.channels_last={str(channels_last).lower()}",
         f"train.mixed_precision={precision}",
@@ -169,7 +162,7 @@ def clothcli_run(
         "schedule.name=cosine",
         f"data.cache_dir={out.parent / 'cache'}",
     ]
-    overrides.append(f"model.weights={weights}" if weights else "model.pretrained=false")
+    overrides.append(f"model.weights={w.weights}" if w.weights else "model.pretrained=false")
     cfg = load_config(None, overrides)
     started = time.perf_counter()
     result = train(cfg)
@@ -226,19 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         if load > 0.5:
             print(f"warning: load average {load:.1f} before starting; other jobs will distort the figures")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        results = [
-            isolated(
-                plain_baseline,
-                args.data,
-                args.model,
-                args.weights,
-                args.size,
-                args.batch,
-                args.epochs,
-                args.workers,
-                None,
-            )
-        ]
+        workload = Workload(args.data, args.model, args.weights, args.size, args.batch, args.epochs, args.workers)
+        results = [isolated(plain_baseline, workload)]
         # The decode cache is built before the first epoch; epoch timings exclude it and
         # wall_seconds_with_setup_and_validation includes it.
         variants = (
@@ -250,13 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(
                 isolated(
                     clothcli_run,
-                    args.data,
-                    args.model,
-                    args.weights,
-                    args.size,
-                    args.batch,
-                    args.epochs,
-                    args.workers,
+                    workload,
                     cache,
                     channels_last,
                     precision,

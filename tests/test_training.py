@@ -30,6 +30,15 @@ def rows(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def cli_train_args(data: Path, out: Path, name: str) -> list[str]:
+    """`clothcli train` arguments for a 2-epoch tiny run named `name`."""
+    return [
+        "train",
+        *("--data", str(data), "--output-dir", str(out), "--name", name, "--epochs", "2"),
+        *[a for kv in TINY for a in ("--set", kv)],
+    ]
+
+
 def comparable(history):
     return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "data_wait")} for r in history]
 
@@ -184,21 +193,7 @@ def test_cli_bad_inputs_exit_2(tiny_dataset, tmp_path):
 
 
 def test_cli_train_then_evaluate(tiny_dataset, tmp_path):
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--data",
-            str(tiny_dataset),
-            "--output-dir",
-            str(tmp_path / "runs"),
-            "--name",
-            "cli",
-            "--epochs",
-            "2",
-            *[a for kv in TINY for a in ("--set", kv)],
-        ],
-    )
+    result = runner.invoke(app, cli_train_args(tiny_dataset, tmp_path / "runs", "cli"))
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "cli"
     out = tmp_path / "report.json"
@@ -285,16 +280,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_dataset, tmp_path):
         "no",
         "-m",
         "clothcli",
-        "train",
-        "--data",
-        str(tiny_dataset),
-        "--output-dir",
-        str(tmp_path / "runs"),
-        "--name",
-        "ddp",
-        "--epochs",
-        "2",
-        *[a for kv in TINY for a in ("--set", kv)],
+        *cli_train_args(tiny_dataset, tmp_path / "runs", "ddp"),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -312,18 +298,7 @@ def test_cli_ctrl_c_then_resume(tiny_dataset, tmp_path, monkeypatch):
     def interrupt(self, row):
         raise KeyboardInterrupt
 
-    args = [
-        "train",
-        "--data",
-        str(tiny_dataset),
-        "--output-dir",
-        str(tmp_path / "runs"),
-        "--name",
-        "cut",
-        "--epochs",
-        "2",
-        *[a for kv in TINY for a in ("--set", kv)],
-    ]
+    args = cli_train_args(tiny_dataset, tmp_path / "runs", "cut")
     with monkeypatch.context() as patch:
         patch.setattr(render.TrainProgress, "epoch_end", interrupt)
         result = runner.invoke(app, args)
