@@ -24,8 +24,19 @@ META_FILE = "checkpoint.json"
 
 
 def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors (channels_last weights are not contiguous; safetensors needs that)."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    """Contiguous CPU tensors in plain timm layout (channels_last weights are not contiguous).
+
+    Batch norm frozen by `model.freeze` has no `num_batches_tracked`; the counter is put back so the
+    file loads into the unfrozen architecture, where eval-mode batch norm computes the same thing.
+    """
+    from timm.layers import FrozenBatchNormAct2d
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if isinstance(module, (FrozenBatchNorm2d, FrozenBatchNormAct2d)):
+            state.setdefault(f"{name}.num_batches_tracked" if name else "num_batches_tracked", torch.tensor(0))
+    return state
 
 
 def save_checkpoint(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> Path:

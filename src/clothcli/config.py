@@ -51,6 +51,8 @@ class ModelConfig:
     weights: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     drop_rate: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    # submodules to keep as pretrained (no gradients, fixed batch norm), e.g. [conv_stem, bn1, blocks.0]
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -73,6 +73,34 @@ def _offline_message(name: str, reason: str) -> str:
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """A timm model with a head for `num_classes`, its starting weights, and `cfg.freeze` applied.
+
+    Freezing happens here rather than in training, so evaluate and predict rebuild the same
+    module structure (frozen batch norm has no `num_batches_tracked`) before loading a checkpoint.
+    """
+    return freeze_modules(_with_weights(cfg, num_classes), cfg.freeze)
+
+
+def freeze_modules(model: nn.Module, names: list[str]) -> nn.Module:
+    """Stop training the named submodules: no gradients, batch norm statistics fixed (timm's freeze).
+
+    Freezing the first stages of a pretrained network is the cheap end of fine-tuning: autograd
+    records nothing before the first trainable layer, so the high-resolution early layers cost a
+    forward pass only.
+    """
+    if not names:
+        return model
+    known = dict(model.named_modules())
+    for name in names:
+        if name not in known or not name:
+            close = difflib.get_close_matches(name, [n for n in known if n], n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(f"model.freeze: '{name}' is not a module of this model{hint}")
+    timm.utils.freeze(model, list(names))
+    return model
+
+
+def _with_weights(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """A timm model with a head for `num_classes`, weights from `cfg.weights` or the hub.
 
     A local weights file goes through timm's own pretrained loader (`pretrained_cfg_overlay`),
