@@ -92,6 +92,47 @@ def test_resume_matches_uninterrupted(tiny_dataset, tmp_path, extra):
     assert comparable(resumed.history) == comparable(full.history)
 
 
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_augmentation_does_not_depend_on_worker_count(tiny_dataset, tmp_path, cache):
+    """Each draw carries its own seed, so persistent workers (any number of them) see the same stream."""
+    extra = ["augment.color_jitter=0.3", f"data.cache={cache}", f"data.cache_dir={tmp_path / 'cache'}"]
+    inline = train(tiny_config(tiny_dataset, tmp_path / "w0", *extra, "data.num_workers=0", epochs=2))
+    workers = train(tiny_config(tiny_dataset, tmp_path / "w2", *extra, "data.num_workers=2", epochs=2))
+    assert comparable(inline.history) == comparable(workers.history)
+
+
+def test_seeded_draws_depend_on_seed_and_epoch_only():
+    import random
+
+    from clothcli.data.loading import CachedImages, SeededDraws
+
+    generator = torch.Generator()
+    draws = SeededDraws(torch.utils.data.RandomSampler(range(8), generator=generator), generator, seed=3)
+    epochs = []
+    for epoch in (0, 1, 0):
+        draws.set_epoch(epoch)
+        epochs.append(list(draws))
+    assert epochs[0] == epochs[2] != epochs[1]
+    assert sorted(i for i, _ in epochs[0]) == list(range(8))
+    assert len({s for _, s in epochs[0] + epochs[1]}) == 16
+
+    class Images:
+        errors = [""] * 8
+
+        def get(self, index):
+            return torch.zeros(3, 4, 4)
+
+    noisy = CachedImages(Images(), [0] * 8, lambda image: image + torch.rand(()) + random.random())
+    torch.manual_seed(0)
+    random.seed(0)
+    first = noisy[(5, 123)][0]
+    after = (torch.rand(()), random.random())
+    torch.manual_seed(0)
+    random.seed(0)
+    assert (torch.rand(()), random.random()) == after, "the training process's RNG was disturbed"
+    assert torch.equal(noisy[(2, 123)][0], first) and not torch.equal(noisy[(5, 124)][0], first)
+
+
 def test_plain_timm_loads_checkpoint(tiny_dataset, tmp_path):
     result = train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=1))
     model, meta = load_checkpoint(result.run_dir)
@@ -133,6 +174,27 @@ def test_local_weights_drop_imagenet_head(tmp_path):
     model = build_model(ModelConfig(name="test_efficientnet", weights=str(path)), 3)
     assert model.get_classifier().out_features == 3
     assert torch.equal(model.conv_stem.weight, source.conv_stem.weight)
+
+
+def test_freeze_keeps_pretrained_layers_and_checkpoint_stays_plain(tiny_dataset, tmp_path):
+    source = timm.create_model("test_efficientnet", num_classes=1000)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    frozen = "model.freeze=[conv_stem, bn1, blocks.0]"
+    result = train(tiny_config(tiny_dataset, tmp_path / "runs", f"model.weights={weights}", frozen, epochs=2))
+    model, _ = load_checkpoint(result.run_dir / "last")
+    trained, pretrained = model.state_dict(), source.state_dict()
+    kept = ("conv_stem.weight", "bn1.weight", "bn1.running_var", "blocks.0.0.conv.weight", "blocks.0.0.bn1.bias")
+    for key in kept:
+        assert torch.equal(trained[key], pretrained[key]), key
+    assert not torch.equal(trained["blocks.1.0.conv_exp.weight"], pretrained["blocks.1.0.conv_exp.weight"])
+    assert result.history[-1]["train_acc"] > 0.5
+    resumed = train(None, resume=result.run_dir)
+    assert comparable(resumed.history) == comparable(result.history)
+
+    args = [*cli_train_args(tiny_dataset, tmp_path / "runs", "bad"), "--set", "model.freeze=[block.0]"]
+    bad = runner.invoke(app, args)
+    assert bad.exit_code == 2 and "did you mean blocks.0" in bad.output
 
 
 def test_pretrained_offline_is_one_clear_line(tiny_dataset, tmp_path, monkeypatch):

@@ -36,6 +36,7 @@ from clothcli.data.loading import (
     IGNORE_INDEX,
     CachedImages,
     ImageFiles,
+    SeededDraws,
     decode_size,
     eval_transform,
     make_loader,
@@ -145,7 +146,6 @@ class _Data:
     index: DatasetIndex
     train_loader: Any
     val_loader: Any | None
-    sampler_generator: torch.Generator | None
     class_counts: list[int]
     augment_on_device: bool
 
@@ -215,13 +215,13 @@ def _build_data(cfg: Config, index: DatasetIndex, pre: Preprocess, reporter: Rep
         train_ds,
         cfg.train.batch_size,
         cfg.data.num_workers,
-        sampler=sampler,
+        sampler=SeededDraws(sampler, generator, cfg.train.seed),
         drop_last=len(train_ds) > cfg.train.batch_size,
     )
     val_loader = None
     if val_ds is not None:
         val_loader = make_loader(val_ds, cfg.train.eval_batch_size or cfg.train.batch_size, cfg.data.num_workers)
-    return _Data(index, train_loader, val_loader, generator, counts, on_device)
+    return _Data(index, train_loader, val_loader, counts, on_device)
 
 
 @dataclass
@@ -422,7 +422,7 @@ def train(
     reporter.run_started(run_path)
     for epoch in range(start_epoch, cfg.train.epochs):
         set_seed(cfg.train.seed + epoch)
-        data.sampler_generator.manual_seed(cfg.train.seed * 1_000_003 + epoch)
+        train_loader.set_epoch(epoch)
         in_swa = swa_start is not None and epoch >= swa_start
         if in_swa and cfg.train.swa.lr:
             # A constant SWA learning rate (what SWALR settles to), set per epoch: stateless, so resume is exact.
@@ -467,6 +467,7 @@ def train(
     if swa_model is not None and swa_start is not None and len(history) > swa_start:
         reporter.message("SWA: recomputing batch-norm statistics over the training data")
         set_seed(cfg.train.seed + cfg.train.epochs)
+        train_loader.set_epoch(cfg.train.epochs)
         with accelerator.autocast():
             update_bn(_images_only(train_loader, channels_last), swa_model, device=accelerator.device)
         metrics = (

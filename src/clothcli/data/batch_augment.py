@@ -62,6 +62,9 @@ class TransformedBatches:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Any, Any, Any]]:
         for images, targets, indices, errors in self.loader:
             yield self.transform(images), targets, indices, errors

@@ -6,14 +6,16 @@ metrics) plus its reason, so batches keep their shape across processes and the f
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clothcli.config import AugmentConfig
 from clothcli.data.images import ImageReadError, load_rgb
@@ -99,6 +101,55 @@ def tensor_eval_transform(pre: Preprocess, uint8_out: bool = False) -> Callable:
     return v2.Compose(steps)
 
 
+class SeededDraws(Sampler):
+    """Yields (index, seed) pairs: the order comes from `sampler`, the seed from (seed, epoch, position).
+
+    The dataset seeds its random transforms with each draw's own seed, so an epoch's augmentation
+    depends on nothing but (seed, epoch): not on which worker decodes an item, nor on the number of
+    workers, nor on what earlier epochs drew. That lets workers persist across epochs while resume
+    stays exact. `set_epoch` (which Accelerate's loader calls) also reseeds the order's generator.
+    """
+
+    def __init__(self, sampler: Sampler, generator: torch.Generator, seed: int):
+        self.sampler = sampler
+        self.generator = generator
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007
+        for position, index in enumerate(self.sampler):
+            yield int(index), (base + position) % 2**63
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Run with torch's and Python's RNGs seeded to `seed`, restoring both afterwards (a loader
+    without workers runs the dataset in the training process, whose RNG must not be disturbed)."""
+    if seed is None:
+        yield
+        return
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+def _split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
+    return (key[0], key[1]) if isinstance(key, tuple) else (key, None)
+
+
 class ImageFiles(Dataset):
     """(path, target) pairs decoded to upright RGB and transformed."""
 
@@ -111,10 +162,13 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, str]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, str]:
+        index, seed = _split_key(key)
         path, target = self.samples[index]
         try:
-            image = self.transform(load_rgb(path, min_size=self.decode_min))
+            decoded = load_rgb(path, min_size=self.decode_min)
+            with _seeded(seed):
+                image = self.transform(decoded)
             if self._blank is None:
                 self._blank = torch.zeros_like(image)
             return image, target, index, ""
@@ -141,13 +195,15 @@ class CachedImages(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, str]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, str]:
+        index, seed = _split_key(key)
         image = self.images.get(index)
         if image is None:
             if self._blank is None:
                 self._blank = torch.zeros_like(self.transform(torch.zeros(3, 64, 64, dtype=torch.uint8)))
             return self._blank, IGNORE_INDEX, index, self.images.errors[index]
-        return self.transform(image), self.targets[index], index, ""
+        with _seeded(seed):
+            return self.transform(image), self.targets[index], index, ""
 
 
 def collate(
@@ -168,7 +224,7 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate,
         drop_last=drop_last,
-        # Workers restart each epoch so their seeds follow the per-epoch seed (exact resume).
-        persistent_workers=False,
+        # Worker RNG state does not matter (see SeededDraws), so workers live as long as the loader.
+        persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
