@@ -1,8 +1,9 @@
 """Prediction throughput: `clothcli predict` against the plain loop, side by side in one run.
 
-The plain loop is what a tutorial writes: open each image with PIL, apply the eval transform,
-`model(x[None])` one image at a time. Both use the same checkpoint and preprocessing; top-1
-agreement between them is reported.
+The plain loop is what a tutorial writes: open each image with PIL, apply timm's eval transform
+(PIL resize), `model(x[None])` one image at a time. Both use the same checkpoint and preprocessing
+settings; top-1 agreement between them is reported (clothcli resizes uint8 tensors with torch,
+which differs from PIL by one level at most).
 
     python benchmarks/predict_throughput.py runs/mobilenet-cpu ../shared/datasets/clothing-dataset-small
     python benchmarks/predict_throughput.py --tiny     # generated images, tiny model (CI)
@@ -21,17 +22,20 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from timm.data import create_transform
 
 from clothcli.checkpoint import load_checkpoint
 from clothcli.data.images import ImageReadError, load_rgb
-from clothcli.data.loading import eval_transform
 from clothcli.models import Preprocess
 from clothcli.predict import collect_inputs, predict_files
 
 
 def plain_loop(checkpoint: Path, files: list[Path]) -> tuple[dict[str, str], float]:
     model, meta = load_checkpoint(checkpoint)
-    transform = eval_transform(Preprocess.from_dict(meta["preprocess"]))
+    pre = Preprocess.from_dict(meta["preprocess"])
+    transform = create_transform(
+        pre.input_size, interpolation=pre.interpolation, mean=pre.mean, std=pre.std, crop_pct=pre.crop_pct
+    )
     labels = {}
     start = time.perf_counter()
     with torch.no_grad():

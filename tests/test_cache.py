@@ -78,3 +78,21 @@ def test_loader_with_spawned_workers_reads_the_cache(tiny_dataset, tmp_path):
     loader = DataLoader(dataset, batch_size=len(samples), num_workers=1, multiprocessing_context="spawn")
     batch = next(iter(loader))[0]
     assert torch.equal(batch, torch.stack([dataset[i][0] for i in range(len(samples))]))
+
+
+def test_eval_transform_matches_timm_within_one_level(tmp_path):
+    """The tensor resize differs from timm's PIL pipeline only by rounding (one uint8 level)."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    from clothcli.data.images import load_rgb
+
+    pre = Preprocess(input_size=64, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875)
+    timm_eval = create_transform(64, interpolation="bilinear", mean=pre.mean, std=pre.std, crop_pct=pre.crop_pct)
+    for size in [(300, 200), (73, 160), (73, 73)]:
+        path = make_image(tmp_path / f"{size[0]}x{size[1]}.png", (120, 80, 40), size=size, fmt="PNG")
+        image = load_rgb(path)
+        ours, theirs = eval_transform(pre)(image), timm_eval(image)
+        assert ours.shape == theirs.shape == (3, 64, 64)
+        assert (ours - theirs).abs().max() <= 1 / 255 / 0.5 + 1e-6, size
+    assert eval_transform(pre, uint8_out=True)(Image.new("RGB", (90, 80))).dtype == torch.uint8

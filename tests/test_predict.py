@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory):
         None,
         [
             *TINY_OVERRIDES,
-            "train.epochs=4",
+            "train.epochs=8",
             "optim.lr=0.05",
             f"data.root={data}",
             f"output_dir={root / 'runs'}",

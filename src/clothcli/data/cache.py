@@ -1,6 +1,6 @@
 """Decode each image once per run, not once per epoch.
 
-Images are decoded, made upright RGB and resized (PIL, exactly as timm's eval transform resizes)
+Images are decoded, made upright RGB and resized (`ResizeShortSide`, exactly as evaluation does)
 so the short side is `floor(input_size / crop_pct)` (about 1.14x the input), then stored as
 uint8 in one flat file. Training crops and augments those uint8 tensors with
 torchvision.transforms.v2; evaluation only centre-crops them, so its outputs equal the
@@ -20,18 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from clothcli.data.images import ImageReadError, load_rgb
+from clothcli.data.loading import ResizeShortSide
 from clothcli.io_utils import atomic_path
 
-CACHE_VERSION = 1
-_INTERPOLATION = {
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "nearest": InterpolationMode.NEAREST,
-}
+CACHE_VERSION = 2  # 2: resized with torch's uint8 kernel (ResizeShortSide), no longer PIL
 
 
 def default_cache_dir() -> Path:
@@ -40,10 +34,9 @@ def default_cache_dir() -> Path:
 
 
 def decode_resized(path: Path, short_side: int, interpolation: str) -> np.ndarray:
-    """Upright RGB, short side resized to `short_side` the way torchvision's Resize does it (HWC uint8)."""
-    img = load_rgb(path, min_size=short_side)
-    img = TF.resize(img, short_side, interpolation=_INTERPOLATION[interpolation])
-    return np.asarray(img, dtype=np.uint8)
+    """Upright RGB, short side resized to `short_side` as evaluation resizes it (HWC uint8)."""
+    resized = ResizeShortSide(short_side, interpolation)(load_rgb(path, min_size=short_side))
+    return resized.permute(1, 2, 0).contiguous().numpy()
 
 
 def _decode_job(args: tuple[str, int, str]) -> tuple[np.ndarray | None, str]:

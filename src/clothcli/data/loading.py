@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -39,15 +41,34 @@ def train_transform(pre: Preprocess, aug: AugmentConfig) -> Callable:
     )
 
 
-def eval_transform(pre: Preprocess) -> Callable:
-    return create_transform(
-        input_size=pre.input_size,
-        is_training=False,
-        interpolation=pre.interpolation,
-        mean=pre.mean,
-        std=pre.std,
-        crop_pct=pre.crop_pct,
-    )
+class ResizeShortSide:
+    """PIL image -> uint8 CHW tensor whose short side is `short_side` (torchvision's Resize(int) sizes).
+
+    The resize runs on the uint8 tensor in channels-last layout, where torch has a vectorised
+    antialiased kernel: 2-3x faster than PIL's resize for the same sizes, within 1 level of it
+    (bilinear; 2 for bicubic). Evaluation, prediction and the decode cache all resize here, so
+    validation from the cache equals decoding the files exactly.
+    """
+
+    def __init__(self, short_side: int, interpolation: str):
+        self.short_side = short_side
+        self.interpolation = interpolation
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        hwc = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+        chw = hwc.permute(2, 0, 1)
+        return F.resize(chw, [self.short_side], InterpolationMode(self.interpolation), antialias=True)
+
+
+def eval_transform(pre: Preprocess, uint8_out: bool = False) -> Callable:
+    """timm's eval preprocessing (resize the short side to input/crop_pct, centre crop, normalise)
+    on a PIL image; with `uint8_out` normalisation is left to `BatchAugment` on the device."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([ResizeShortSide(scale_size(pre), pre.interpolation), tensor_eval_transform(pre, uint8_out)])
 
 
 def decode_size(pre: Preprocess) -> int:
