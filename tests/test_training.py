@@ -133,6 +133,30 @@ def test_seeded_draws_depend_on_seed_and_epoch_only():
     assert torch.equal(noisy[(2, 123)][0], first) and not torch.equal(noisy[(5, 124)][0], first)
 
 
+def test_compiled_model_trains_resumes_and_saves_plain_weights(tiny_dataset, tmp_path):
+    """torch.compile through Accelerate (the cheap 'eager' backend here; 'inductor' is the real one)."""
+    extra = ["train.compile=eager", "train.ema.enabled=true"]
+    full = train(tiny_config(tiny_dataset, tmp_path / "full", *extra, epochs=2))
+    assert full.compile_seconds is not None and full.compile_seconds > 0
+    model, _ = load_checkpoint(full.run_dir / "last")
+    assert not any(k.startswith("_orig_mod") for k in model.state_dict())
+    eager = train(tiny_config(tiny_dataset, tmp_path / "eager", "train.ema.enabled=true", epochs=2))
+    assert eager.compile_seconds is None
+    assert comparable(full.history) == comparable(eager.history)
+
+    class StopAfterOne(SilentReporter):
+        def epoch_end(self, row):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_dataset, tmp_path / "cut", *extra, epochs=2), reporter=StopAfterOne())
+    resumed = train(None, resume=tmp_path / "cut" / "experiment")
+    assert comparable(resumed.history) == comparable(full.history)
+
+    bad = runner.invoke(app, [*cli_train_args(tiny_dataset, tmp_path, "bad"), "--set", "train.compile=turbo"])
+    assert bad.exit_code == 2 and "inductor" in bad.output
+
+
 def test_plain_timm_loads_checkpoint(tiny_dataset, tmp_path):
     result = train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=1))
     model, meta = load_checkpoint(result.run_dir)

@@ -136,6 +136,8 @@ class TrainConfig:
     imbalance: Literal["none", "sampler", "loss"] = "none"
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "auto"
     channels_last: bool | None = None
+    # torch.compile backend for the model (e.g. inductor), none = eager; compile time is reported apart
+    compile: str | None = None
     seed: int = 42
     monitor: Literal["val_acc", "val_loss", "val_f1"] = "val_acc"
     early_stopping: EarlyStopConfig = field(default_factory=EarlyStopConfig)

@@ -100,6 +100,11 @@ class TrainResult:
     best: dict[str, Any]
     stopped_early: bool = False
     unreadable: list[dict[str, str]] = field(default_factory=list)
+    # with train.compile: the first training step, which includes compiling the model
+    compile_seconds: float | None = None
+
+
+FIRST_STEP = "first_step_seconds"
 
 
 def resolve_precision(requested: str, device_type: str) -> str:
@@ -111,8 +116,12 @@ def resolve_precision(requested: str, device_type: str) -> str:
     return "bf16" if cpu_supports_bf16() else "no"
 
 
-def make_accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Accelerator:
-    """An Accelerator; a single-process caller may build several (tests, tune then train)."""
+def make_accelerator(
+    mixed_precision: str, grad_accum: int, cpu: bool, compile_backend: str | None = None
+) -> Accelerator:
+    """An Accelerator; a single-process caller may build several (tests, tune then train).
+
+    With `compile_backend`, `prepare` wraps the model in torch.compile (Accelerate's dynamo plugin)."""
     if AcceleratorState._shared_state and AcceleratorState().num_processes == 1:
         AcceleratorState._reset_state()
     return Accelerator(
@@ -121,7 +130,24 @@ def make_accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Accele
         cpu=cpu,
         dataloader_config=DataLoaderConfiguration(even_batches=True, non_blocking=torch.cuda.is_available()),
         step_scheduler_with_optimizer=False,
+        dynamo_backend=compile_backend or "no",
     )
+
+
+def check_compile_backend(name: str | None) -> None:
+    """UserError unless torch.compile knows backend `name` (checked before any work is done)."""
+    if name is None:
+        return
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        raise UserError(f"train.compile: unknown torch.compile backend '{name}' (known: {', '.join(sorted(known))})")
+
+
+def plain_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The model without Accelerate's or torch.compile's wrappers: what EMA, SWA and checkpoints use."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def unique_run_dir(output_dir: Path, name: str) -> Path:
@@ -239,9 +265,12 @@ class Setup:
     pre: Preprocess
 
 
-def prepare(cfg: Config, reporter: Reporter | None = None, optimizer_lr: float | None = None) -> Setup:
+def prepare(
+    cfg: Config, reporter: Reporter | None = None, optimizer_lr: float | None = None, compile_model: bool = True
+) -> Setup:
     """Index the data, build model, loaders, optimizer and loss, and hand them to Accelerate."""
     reporter = reporter or SilentReporter()
+    check_compile_backend(cfg.train.compile)
     if not cfg.data.root:
         raise UserError("no dataset given: pass --data PATH (or set data.root in the config)")
     root = Path(cfg.data.root)
@@ -254,7 +283,7 @@ def prepare(cfg: Config, reporter: Reporter | None = None, optimizer_lr: float |
 
     cpu = not torch.cuda.is_available()
     precision = resolve_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
-    accelerator = make_accelerator(precision, cfg.train.grad_accum, cpu)
+    accelerator = make_accelerator(precision, cfg.train.grad_accum, cpu, cfg.train.compile if compile_model else None)
     if not accelerator.is_main_process:
         reporter = SilentReporter()
     channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else True
@@ -384,7 +413,7 @@ def train(
         min_lr=cfg.schedule.min_lr,
     )
 
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = plain_model(accelerator, model)
     ema = ModelEmaV3(unwrapped, decay=cfg.train.ema.decay) if cfg.train.ema.enabled else None
     swa_start = int(cfg.train.epochs * cfg.train.swa.start) if cfg.train.swa.enabled else None
     swa_model = AveragedModel(unwrapped) if cfg.train.swa.enabled else None
@@ -419,6 +448,7 @@ def train(
     monitor = cfg.train.monitor
     stopped_early = False
     eval_model = ema.module if ema is not None else model
+    compile_seconds: float | None = None
     reporter.run_started(run_path)
     for epoch in range(start_epoch, cfg.train.epochs):
         set_seed(cfg.train.seed + epoch)
@@ -441,8 +471,15 @@ def train(
             reporter,
             unreadable,
         )
+        first_step = row.pop(FIRST_STEP)
+        if cfg.train.compile and compile_seconds is None and first_step is not None:
+            compile_seconds = first_step
+            reporter.message(
+                f"torch.compile ({cfg.train.compile}): the first training step took {first_step:.1f}s, "
+                "compilation included (not counted apart from the epoch's time)"
+            )
         if in_swa:
-            swa_model.update_parameters(accelerator.unwrap_model(model))
+            swa_model.update_parameters(plain_model(accelerator, model))
         if not (in_swa and cfg.train.swa.lr):
             scheduler.step(epoch + 1)
         if val_loader is not None:
@@ -505,6 +542,7 @@ def train(
         best or {},
         stopped_early,
         [{"path": str(data.index.splits["train"].samples[i][0]), "reason": r} for i, r in sorted(unreadable.items())],
+        compile_seconds,
     )
 
 
@@ -561,6 +599,7 @@ def _train_one_epoch(
     correct = torch.zeros((), device=accelerator.device)
     seen = torch.zeros((), device=accelerator.device)
     wait = 0.0
+    first_step_seconds: float | None = None
     start = time.perf_counter()
     mark = start
     for step, (images, targets, indices, errors) in enumerate(loader, 1):
@@ -568,11 +607,14 @@ def _train_one_epoch(
         for i, e in zip(indices.tolist(), errors):
             if e:
                 unreadable[i] = e
+        step_start = time.perf_counter()
         logits, loss = training_step(
             accelerator, model, optimizer, loss_fn, images, targets, channels_last, cfg.train.clip_grad
         )
+        if first_step_seconds is None:
+            first_step_seconds = time.perf_counter() - step_start
         if ema is not None and accelerator.sync_gradients:
-            ema.update(accelerator.unwrap_model(model))
+            ema.update(plain_model(accelerator, model))
         valid = targets != IGNORE_INDEX
         n = valid.sum()
         loss_sum += loss.detach() * n
@@ -600,6 +642,7 @@ def _train_one_epoch(
         "seconds": round(seconds, 2),
         "images_per_s": round(float(totals[2]) / seconds, 1),
         "data_wait": round(wait / seconds, 3),
+        FIRST_STEP: first_step_seconds,
     }
 
 
@@ -616,7 +659,7 @@ def _save_epoch(
 ) -> None:
     if not accelerator.is_main_process:
         return
-    weights = accelerator.unwrap_model(model)
+    weights = plain_model(accelerator, model)
     meta = {
         **meta_base,
         "epoch": row["epoch"],

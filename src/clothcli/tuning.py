@@ -23,7 +23,7 @@ import torch
 
 from clothcli.config import Config, load_config
 from clothcli.errors import UserError
-from clothcli.training import Reporter, SilentReporter, prepare, training_step
+from clothcli.training import Reporter, SilentReporter, plain_model, prepare, training_step
 
 DEFAULT_SUGGESTION = "valley"
 
@@ -122,9 +122,9 @@ def lr_range_test(
     if steps < 10:
         raise UserError(f"--steps must be at least 10, got {steps}")
     reporter = reporter or SilentReporter()
-    setup = setup or prepare(cfg, reporter)
+    setup = setup or prepare(cfg, reporter, compile_model=False)
     model, optimizer = setup.model, setup.optimizer
-    saved_model = copy.deepcopy(setup.accelerator.unwrap_model(model).state_dict())
+    saved_model = copy.deepcopy(plain_model(setup.accelerator, model).state_dict())
     saved_optimizer = copy.deepcopy(optimizer.state_dict())
     saved_rng = _rng_state()
     lrs: list[float] = []
@@ -168,7 +168,7 @@ def lr_range_test(
                 stopped = True
                 break
     finally:
-        setup.accelerator.unwrap_model(model).load_state_dict(saved_model)
+        plain_model(setup.accelerator, model).load_state_dict(saved_model)
         optimizer.load_state_dict(saved_optimizer)
         _restore_rng(saved_rng)
     if len(losses) < 10 or int(np.argmin(losses)) == 0:
@@ -259,9 +259,9 @@ def batch_size_search(
     reporter = reporter or SilentReporter()
     small = copy.deepcopy(cfg)
     small.data.cache = "none"
-    setup = prepare(small, reporter)
+    setup = prepare(small, reporter, compile_model=False)
     model, optimizer, acc = setup.model, setup.optimizer, setup.accelerator
-    saved_model = copy.deepcopy(acc.unwrap_model(model).state_dict())
+    saved_model = copy.deepcopy(plain_model(acc, model).state_dict())
     saved_optimizer = copy.deepcopy(optimizer.state_dict())
     size = setup.pre.input_size
     classes = len(setup.data.index.classes)
@@ -310,7 +310,7 @@ def batch_size_search(
             search.best = max(ok, key=lambda t: t["images_per_s"])["batch_size"] if ok else None
             search.rule = "fastest images/s within the memory budget"
     finally:
-        acc.unwrap_model(model).load_state_dict(saved_model)
+        plain_model(acc, model).load_state_dict(saved_model)
         optimizer.load_state_dict(saved_optimizer)
     return search
 
