@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from clothcli.cli import app
 from clothcli.config import load_config
 from clothcli.data.images import ImageReadError, load_rgb
-from clothcli.predict import collect_inputs, run_predict
+from clothcli.predict import collect_inputs, predict_files, run_predict
 from clothcli.training import train
 from conftest import COLORS, TINY_OVERRIDES, make_dataset, make_image
 
@@ -110,6 +110,16 @@ def test_every_kind_is_classified_and_broken_ones_reported(checkpoint, tmp_path)
     assert len(rows) == len(files)
     assert all(r["error"] for r in rows if Path(r["path"]).name in reasons)
     assert sum(r["label"] == "red" for r in rows) >= 10
+
+
+def test_uint8_transfer_gives_the_same_outputs(checkpoint, tmp_path):
+    """The GPU path (uint8 batches normalised on the device), exercised on the CPU."""
+    files = sorted(every_kind(tmp_path / "in").values())
+    plain = list(predict_files(checkpoint, files, batch_size=4, workers=0, top_k=3))
+    shipped = list(predict_files(checkpoint, files, batch_size=4, workers=0, top_k=3, uint8_transfer=True))
+    assert [(p.labels, p.error) for p in plain] == [(p.labels, p.error) for p in shipped]
+    for a, b in zip(plain, shipped):
+        assert all(abs(x - y) < 1e-5 for x, y in zip(a.probs, b.probs))
 
 
 def test_inputs_nested_hidden_globs_and_symlink_loops(tmp_path):
