@@ -24,6 +24,14 @@ TINY_OVERRIDES = [
 COLORS = {"red": (200, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 200)}
 
 
+TIMING_FIELDS = ("seconds", "images_per_s", "data_wait", "val_seconds")
+
+
+def comparable(history: list[dict]) -> list[dict]:
+    """A training history without its timings: what must match between equivalent runs."""
+    return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in history]
+
+
 def make_image(
     path: Path, color: tuple[int, int, int], size: tuple[int, int] = (40, 32), seed: int = 0, fmt: str | None = None
 ) -> Path:

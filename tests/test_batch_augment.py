@@ -12,7 +12,7 @@ from clothcli.data.loading import tensor_eval_transform, tensor_train_transform
 from clothcli.errors import UserError
 from clothcli.models import Preprocess
 from clothcli.training import train
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, comparable
 
 PRE = Preprocess(24, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.875)
 
@@ -63,10 +63,6 @@ def tiny(data, out, *extra):
         None,
         [*TINY_OVERRIDES, f"data.root={data}", f"output_dir={out}", "train.epochs=2", "augment.color_jitter=0", *extra],
     )
-
-
-def comparable(history):
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "data_wait")} for r in history]
 
 
 def test_training_on_the_device_equals_the_workers_when_jitter_is_off(tiny_dataset, tmp_path):

@@ -1,5 +1,6 @@
 """The benchmarks run in a tiny mode in CI: they must produce their table, not a speed."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +22,6 @@ def test_benchmark_tiny_mode(script, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "images/s" in proc.stdout and out.is_file()
+    if script == "train_throughput.py":
+        splits = [r["time_split_seconds"] for r in json.loads(out.read_text())["results"] if "time_split_seconds" in r]
+        assert splits and all(s["train"] > 0 and s["validation"] > 0 for s in splits)

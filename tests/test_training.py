@@ -15,7 +15,7 @@ from clothcli.checkpoint import load_checkpoint
 from clothcli.cli import app
 from clothcli.config import load_config
 from clothcli.training import SilentReporter, train
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, comparable
 
 runner = CliRunner()
 TINY = [*TINY_OVERRIDES, "optim.lr=0.05", "schedule.name=cosine"]
@@ -39,10 +39,6 @@ def cli_train_args(data: Path, out: Path, name: str) -> list[str]:
     ]
 
 
-def comparable(history):
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "data_wait")} for r in history]
-
-
 def test_train_writes_run_folder(tiny_dataset, tmp_path):
     result = train(tiny_config(tiny_dataset, tmp_path / "runs"))
     run = result.run_dir
@@ -50,6 +46,7 @@ def test_train_writes_run_folder(tiny_dataset, tmp_path):
     assert (run / "config.yaml").is_file()
     assert len(rows(run)) == 3
     assert set(rows(run)[0]) >= {"train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "lr", "seconds"}
+    assert all(float(r["val_seconds"]) > 0 for r in rows(run))
     for name in ("best", "last"):
         meta = json.loads((run / name / "checkpoint.json").read_text())
         assert meta["classes"] == ["blue", "green", "red"]

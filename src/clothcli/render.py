@@ -226,7 +226,7 @@ class TrainProgress:
                 f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}"
                 f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%} F1 {row['val_f1']:.4f}"
                 f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s"
-                f"  data wait {row['data_wait']:.0%}"
+                f"  data wait {row['data_wait']:.0%}  validation {row['val_seconds']:.1f}s"
             )
         self.progress.console.print(text, highlight=False)
 

@@ -61,6 +61,7 @@ METRIC_FIELDS = [
     "seconds",
     "images_per_s",
     "data_wait",
+    "val_seconds",
 ]
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
@@ -482,10 +483,12 @@ def train(
             swa_model.update_parameters(plain_model(accelerator, model))
         if not (in_swa and cfg.train.swa.lr):
             scheduler.step(epoch + 1)
+        val_start = time.perf_counter()
         if val_loader is not None:
             row.update(validate(eval_model, val_loader, accelerator, channels_last, num_classes))
         else:
             row.update(val_loss=math.nan, val_acc=math.nan, val_f1=math.nan)
+        row["val_seconds"] = round(time.perf_counter() - val_start, 2)
         history.append(row)
         improved = _is_better(row[monitor], best[monitor] if best else None, monitor)
         stale = 0 if improved else stale + 1
@@ -520,6 +523,7 @@ def train(
             "seconds": "",
             "images_per_s": "",
             "data_wait": "",
+            "val_seconds": "",
         }
         history.append(row)
         improved = _is_better(metrics[monitor], best[monitor] if best else None, monitor)
