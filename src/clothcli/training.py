@@ -1,8 +1,10 @@
 """Fine-tuning with HF Accelerate: one loop for CPU, one GPU and `accelerate launch`.
 
 Reproducibility and exact resume rest on one rule: every epoch starts by reseeding all RNGs
-(and the sampler's generator) from (seed, epoch), so epoch k does the same whether or not the
-run was stopped before it. `last/` and `state/` are written at each epoch end.
+(and, through the loader's `set_epoch`, the sampler's generator) from (seed, epoch), and each
+sample drawn carries its own augmentation seed (`SeededDraws`), so epoch k does the same whether
+or not the run was stopped before it, with any number of (persistent) workers. `last/` and
+`state/` are written at each epoch end.
 """
 
 from __future__ import annotations
