@@ -92,7 +92,9 @@ def test_resume_matches_uninterrupted(tiny_dataset, tmp_path, extra):
 @pytest.mark.parametrize("cache", ["none", "memory"])
 def test_augmentation_does_not_depend_on_worker_count(tiny_dataset, tmp_path, cache):
     """Each draw carries its own seed, so persistent workers (any number of them) see the same stream."""
-    extra = ["augment.color_jitter=0.3", f"data.cache={cache}", f"data.cache_dir={tmp_path / 'cache'}"]
+    # RandAugment: timm's (no cache) draws from NumPy, torchvision's (cache) from torch
+    extra = ["augment.color_jitter=0.3", "augment.auto_augment=rand-m9-mstd0.5", f"data.cache={cache}"]
+    extra.append(f"data.cache_dir={tmp_path / 'cache'}")
     inline = train(tiny_config(tiny_dataset, tmp_path / "w0", *extra, "data.num_workers=0", epochs=2))
     workers = train(tiny_config(tiny_dataset, tmp_path / "w2", *extra, "data.num_workers=2", epochs=2))
     assert comparable(inline.history) == comparable(workers.history)
