@@ -35,7 +35,7 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     for name, module in model.named_modules():
         if isinstance(module, (FrozenBatchNorm2d, FrozenBatchNormAct2d)):
-            state.setdefault(f"{name}.num_batches_tracked" if name else "num_batches_tracked", torch.tensor(0))
+            state.setdefault(f"{name}.num_batches_tracked", torch.tensor(0))
     return state
 
 

@@ -107,9 +107,6 @@ class TrainResult:
     compile_seconds: float | None = None
 
 
-FIRST_STEP = "first_step_seconds"
-
-
 def resolve_precision(requested: str, device_type: str) -> str:
     """'auto' means bf16 where the hardware does it natively, else full precision."""
     if requested != "auto":
@@ -461,7 +458,7 @@ def train(
             # A constant SWA learning rate (what SWALR settles to), set per epoch: stateless, so resume is exact.
             for group in optimizer.param_groups:
                 group["lr"] = cfg.train.swa.lr
-        row = _train_one_epoch(
+        row, first_step = _train_one_epoch(
             epoch,
             cfg,
             model,
@@ -474,12 +471,11 @@ def train(
             reporter,
             unreadable,
         )
-        first_step = row.pop(FIRST_STEP)
         if cfg.train.compile and compile_seconds is None and first_step is not None:
             compile_seconds = first_step
             reporter.message(
                 f"torch.compile ({cfg.train.compile}): the first training step took {first_step:.1f}s, "
-                "compilation included (not counted apart from the epoch's time)"
+                f"compilation included (it is part of epoch {epoch + 1}'s time)"
             )
         if in_swa:
             swa_model.update_parameters(plain_model(accelerator, model))
@@ -598,7 +594,8 @@ def _train_one_epoch(
     channels_last: bool,
     reporter: Reporter,
     unreadable: dict[int, str],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], float | None]:
+    """One epoch's metrics row, and how long its first step took (the compile time, when compiling)."""
     model.train()
     reporter.epoch_start(epoch, cfg.train.epochs, len(loader))
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -648,8 +645,7 @@ def _train_one_epoch(
         "seconds": round(seconds, 2),
         "images_per_s": round(float(totals[2]) / seconds, 1),
         "data_wait": round(wait / seconds, 3),
-        FIRST_STEP: first_step_seconds,
-    }
+    }, first_step_seconds
 
 
 def _save_epoch(

@@ -139,15 +139,18 @@ class SeededDraws(Sampler):
         self.seed = seed
         self.epoch = 0
 
+    def _epoch_seed(self) -> int:
+        return self.seed * 1_000_003 + self.epoch
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        self.generator.manual_seed(self._epoch_seed())
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        base = (self.seed * 1_000_003 + self.epoch) * 1_000_000_007
+        base = self._epoch_seed() * 1_000_000_007
         for position, index in enumerate(self.sampler):
             yield int(index), (base + position) % 2**63
 
