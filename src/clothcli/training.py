@@ -140,9 +140,9 @@ def check_compile_backend(name: str | None) -> None:
         return
     import torch._dynamo
 
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if name not in known:
-        raise UserError(f"train.compile: unknown torch.compile backend '{name}' (known: {', '.join(sorted(known))})")
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        usual = ", ".join(torch._dynamo.list_backends())  # without the debug and testing ones
+        raise UserError(f"train.compile: unknown torch.compile backend '{name}' (e.g. {usual}; eager for debugging)")
 
 
 def plain_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:
