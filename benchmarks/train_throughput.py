@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -144,8 +145,9 @@ def summarize(epochs: list[dict]) -> dict:
     }
 
 
-def clothcli_run(w: Workload, cache: str, channels_last: bool, precision: str, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+def clothcli_run(w: Workload, cache: str, channels_last: bool, precision: str, root: Path) -> dict:
+    """One `train()` in a fresh run folder under `root`; all runs share one decode cache there."""
+    out = Path(tempfile.mkdtemp(prefix="run", dir=root))
     overrides = [
         f"data.root={w.data}",
         f"model.name={w.model}",
@@ -160,7 +162,7 @@ def clothcli_run(w: Workload, cache: str, channels_last: bool, precision: str, o
         "augment.color_jitter=0.2",
         f"output_dir={out}",
         "schedule.name=cosine",
-        f"data.cache_dir={out.parent / 'cache'}",
+        f"data.cache_dir={root / 'cache'}",
     ]
     overrides.append(f"model.weights={w.weights}" if w.weights else "model.pretrained=false")
     cfg = load_config(None, overrides)
@@ -180,6 +182,38 @@ def clothcli_run(w: Workload, cache: str, channels_last: bool, precision: str, o
         # building, the cache build, checkpoints)
         "time_split_seconds": {"train": train_s, "validation": val_s, "other": total - train_s - val_s},
     }
+
+
+def run_rounds(pipelines: list[tuple], rounds: int, runner=isolated) -> list[list[dict]]:
+    """Every pipeline once per round, in forward order on even rounds and backward on odd ones, so that
+    a host getting steadily faster or slower favours no pipeline."""
+    results = []
+    for r in range(rounds):
+        order = list(range(len(pipelines)))
+        if r % 2:
+            order.reverse()
+        measured: dict[int, dict] = {}
+        for i in order:
+            fn, args = pipelines[i]
+            measured[i] = runner(fn, *args)
+        results.append([measured[i] for i in range(len(pipelines))])
+    return results
+
+
+def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per pipeline: the median round, and the ratio to the baseline (the first pipeline) taken
+    within each round (the baseline then ran minutes apart, not hours) and summarised by its median."""
+    combined = []
+    for i in range(len(rounds[0])):
+        runs = [rnd[i] for rnd in rounds]
+        ratios = [rnd[i]["images_per_s"] / rnd[0]["images_per_s"] for rnd in rounds]
+        row = dict(sorted(runs, key=lambda run: run["images_per_s"])[(len(runs) - 1) // 2])
+        row["images_per_s"] = statistics.median(run["images_per_s"] for run in runs)
+        row["round_images_per_s"] = [run["images_per_s"] for run in runs]
+        row["round_ratios"] = ratios
+        row["ratio"] = statistics.median(ratios)
+        combined.append(row)
+    return combined
 
 
 def make_tiny_dataset(root: Path) -> Path:
@@ -203,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2, help="images/s is taken over the epochs after the first")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run every pipeline this many times, alternating, against host drift"
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/train_throughput.json"))
     parser.add_argument("--tiny", action="store_true", help="generated data, tiny model (for CI)")
     args = parser.parse_args(argv)
@@ -225,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: load average {load:.1f} before starting; other jobs will distort the figures")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         workload = Workload(args.data, args.model, args.weights, args.size, args.batch, args.epochs, args.workers)
-        results = [isolated(plain_baseline, workload)]
         # The decode cache is built before the first epoch; epoch timings exclude it and
         # wall_seconds_with_setup_and_validation includes it.
         variants = (
@@ -233,44 +269,40 @@ def main(argv: list[str] | None = None) -> int:
             if device == "cuda"
             else (("none", True, "no"), ("memory", False, "no"), ("memory", True, "no"))
         )
-        for i, (cache, channels_last, precision) in enumerate(variants):
-            results.append(
-                isolated(
-                    clothcli_run,
-                    workload,
-                    cache,
-                    channels_last,
-                    precision,
-                    out / f"run{i}",
-                )
-            )
-    base = results[0]["images_per_s"]
+        pipelines = [(plain_baseline, (workload,))] + [
+            (clothcli_run, (workload, cache, channels_last, precision, out))
+            for cache, channels_last, precision in variants
+        ]
+        rounds = run_rounds(pipelines, args.rounds)
+    results = combine_rounds(rounds)
     table = Table(title=f"Training throughput — {args.model} @ {args.size}px, batch {args.batch}, {device}")
-    columns = ("pipeline", "device", "dtype", "memory format", "images/s", "ratio", "data wait", "1st epoch")
+    ratio_title = "ratio" if args.rounds == 1 else f"ratio (range over {args.rounds} rounds)"
+    columns = ("pipeline", "device", "dtype", "memory format", "images/s", ratio_title, "data wait", "1st epoch")
     for col in (*columns, "peak RSS MB"):
         table.add_column(col)
     for r in results:
         r["device"] = device
-        r["ratio"] = r["images_per_s"] / base
+        spread = f" ({min(r['round_ratios']):.2f}-{max(r['round_ratios']):.2f})" if args.rounds > 1 else ""
         table.add_row(
             r["pipeline"],
             device,
             r["dtype"],
             r["memory_format"],
             f"{r['images_per_s']:.1f}",
-            f"{r['ratio']:.2f}x",
+            f"{r['ratio']:.2f}x{spread}",
             f"{r['data_wait']:.0%}",
             f"{r['first_epoch_images_per_s']:.1f}",
             f"{r['peak_rss_mb']:.0f}",
         )
-    Console(width=140).print(table)
+    Console(width=160).print(table)
     for r in results:
         if "time_split_seconds" in r:
             split = ", ".join(f"{k} {v:.1f}s" for k, v in r["time_split_seconds"].items())
             wall = r["wall_seconds_with_setup_and_validation"]
             print(f"{r['pipeline']} {r['memory_format']}: wall {wall:.1f}s = {split}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
+    payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "rounds": rounds}
+    args.json.write_text(json.dumps(payload, indent=2))
     print(f"wrote {args.json}")
     return 0
 

@@ -25,3 +25,30 @@ def test_benchmark_tiny_mode(script, tmp_path):
     if script == "train_throughput.py":
         splits = [r["time_split_seconds"] for r in json.loads(out.read_text())["results"] if "time_split_seconds" in r]
         assert splits and all(s["train"] > 0 and s["validation"] > 0 for s in splits)
+
+
+def _load_train_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rounds_alternate_order_and_ratios_are_taken_within_a_round():
+    bench = _load_train_benchmark()
+    calls = []
+    speeds = {"plain": [10.0, 20.0, 30.0], "fast": [15.0, 20.0, 60.0]}
+
+    def pipeline(name):
+        calls.append(name)
+        return {"pipeline": name, "images_per_s": speeds[name][calls.count(name) - 1]}
+
+    rounds = bench.run_rounds([(pipeline, ("plain",)), (pipeline, ("fast",))], 3, runner=lambda fn, *args: fn(*args))
+    assert calls == ["plain", "fast", "fast", "plain", "plain", "fast"]
+    plain, fast = bench.combine_rounds(rounds)
+    assert fast["round_ratios"] == [1.5, 1.0, 2.0]
+    assert fast["ratio"] == 1.5 and plain["ratio"] == 1.0
+    assert fast["images_per_s"] == 20.0 and plain["images_per_s"] == 20.0
