@@ -48,9 +48,12 @@ def plain_loop(checkpoint: Path, files: list[Path]) -> tuple[dict[str, str], flo
     return labels, time.perf_counter() - start
 
 
-def clothcli_batched(checkpoint: Path, files: list[Path], batch: int, workers: int) -> tuple[dict[str, str], float]:
+def clothcli_batched(
+    checkpoint: Path, files: list[Path], batch: int, workers: int, model_in_workers: bool | None = None
+) -> tuple[dict[str, str], float]:
     start = time.perf_counter()
-    labels = {str(p.path): p.label for p in predict_files(checkpoint, files, batch, workers) if not p.error}
+    predictions = predict_files(checkpoint, files, batch, workers, model_in_workers=model_in_workers)
+    labels = {str(p.path): p.label for p in predictions if not p.error}
     return labels, time.perf_counter() - start
 
 
@@ -111,11 +114,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give CHECKPOINT and INPUTS, or --tiny")
         files = collect_inputs(args.inputs).files
         plain, plain_s = plain_loop(args.checkpoint, files)
+        # the model in this process, as on a GPU; the CPU default runs it in the loader workers
+        in_process_s = clothcli_batched(args.checkpoint, files, args.batch, args.workers, model_in_workers=False)[1]
         batched, batched_s = clothcli_batched(args.checkpoint, files, args.batch, args.workers)
         command_s = whole_command(args.checkpoint, args.inputs, Path(tmp) / "out.csv")
     agree = sum(plain.get(k) == v for k, v in batched.items()) / max(1, len(batched))
     rows = [
         {"pipeline": "plain loop (PIL, one image at a time)", "seconds": plain_s, "images_per_s": len(files) / plain_s},
+        {
+            "pipeline": "clothcli predict_files, model in this process",
+            "seconds": in_process_s,
+            "images_per_s": len(files) / in_process_s,
+        },
         {"pipeline": "clothcli predict_files (running)", "seconds": batched_s, "images_per_s": len(files) / batched_s},
         {
             "pipeline": "clothcli predict command (start-up included)",

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from clothcli.cli import app
 from clothcli.config import load_config
 from clothcli.data.images import ImageReadError, load_rgb
+from clothcli.errors import UserError
 from clothcli.predict import collect_inputs, predict_files, run_predict
 from clothcli.training import train
 from conftest import COLORS, TINY_OVERRIDES, make_dataset, make_image
@@ -120,6 +121,19 @@ def test_uint8_transfer_gives_the_same_outputs(checkpoint, tmp_path):
     assert [(p.labels, p.error) for p in plain] == [(p.labels, p.error) for p in shipped]
     for a, b in zip(plain, shipped):
         assert all(abs(x - y) < 1e-5 for x, y in zip(a.probs, b.probs))
+
+
+def test_model_in_workers_gives_the_same_outputs(checkpoint, tmp_path):
+    """The CPU default with workers (each worker decodes and classifies) against the model in this
+    process, on every file kind including the unreadable ones."""
+    files = sorted(every_kind(tmp_path / "in").values())
+    here = list(predict_files(checkpoint, files, batch_size=4, workers=2, top_k=3, model_in_workers=False))
+    in_workers = list(predict_files(checkpoint, files, batch_size=4, workers=2, top_k=3))
+    assert [(p.path, p.labels, p.error) for p in here] == [(p.path, p.labels, p.error) for p in in_workers]
+    for a, b in zip(here, in_workers):
+        assert all(abs(x - y) < 1e-5 for x, y in zip(a.probs, b.probs))
+    with pytest.raises(UserError, match="at least one worker"):
+        next(predict_files(checkpoint, files, workers=0, model_in_workers=True))
 
 
 def test_inputs_nested_hidden_globs_and_symlink_loops(tmp_path):

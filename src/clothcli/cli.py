@@ -312,7 +312,9 @@ def predict(
         Path | None, typer.Option(help="Move each classified image into DIR/<label>/.", show_default="no moving")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
-    workers: Annotated[int, typer.Option(min=0, help="Decoding worker processes.")] = 2,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Decoding worker processes; on a CPU each also runs the model.")
+    ] = 2,
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda or cuda:N.", show_default="cuda if available, else cpu")
     ] = None,

@@ -248,7 +248,14 @@ def collate(
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, sampler: Any = None, drop_last: bool = False
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    shuffle: bool = False,
+    sampler: Any = None,
+    drop_last: bool = False,
+    collate_fn: Callable = collate,
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> DataLoader:
     return DataLoader(
         dataset,
@@ -256,7 +263,8 @@ def make_loader(
         shuffle=shuffle if sampler is None else False,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
+        worker_init_fn=worker_init_fn,
         drop_last=drop_last,
         # Worker RNG state does not matter (see SeededDraws), so workers live as long as the loader.
         persistent_workers=workers > 0,
