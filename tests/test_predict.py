@@ -1,6 +1,8 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,12 +130,33 @@ def test_model_in_workers_gives_the_same_outputs(checkpoint, tmp_path):
     process, on every file kind including the unreadable ones."""
     files = sorted(every_kind(tmp_path / "in").values())
     here = list(predict_files(checkpoint, files, batch_size=4, workers=2, top_k=3, model_in_workers=False))
-    in_workers = list(predict_files(checkpoint, files, batch_size=4, workers=2, top_k=3))
+    in_workers = list(predict_files(checkpoint, files, batch_size=4, workers=2, top_k=3, model_in_workers=True))
     assert [(p.path, p.labels, p.error) for p in here] == [(p.path, p.labels, p.error) for p in in_workers]
     for a, b in zip(here, in_workers):
         assert all(abs(x - y) < 1e-5 for x, y in zip(a.probs, b.probs))
     with pytest.raises(UserError, match="at least one worker"):
         next(predict_files(checkpoint, files, workers=0, model_in_workers=True))
+
+
+def test_model_in_workers_does_not_hang_after_the_parent_used_openmp(checkpoint, tmp_path):
+    """Workers are forked; GNU OpenMP deadlocks in a forked child that asks for more threads than one
+    once the parent has used its pool. One worker on a multi-thread torch is the case that hung."""
+    files = [make_image(tmp_path / "in" / f"{i}.jpg", COLORS["red"], seed=i) for i in range(6)]
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from clothcli.predict import predict_files\n"
+        "torch.set_num_threads(2)\n"
+        "torch.nn.functional.conv2d(torch.randn(4, 32, 64, 64), torch.randn(32, 32, 3, 3)).sum()\n"
+        "files = [Path(p) for p in sys.argv[2:]]\n"
+        "found = list(predict_files(sys.argv[1], files, batch_size=2, workers=1, model_in_workers=True))\n"
+        "print(sum(not p.error for p in found))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(checkpoint), *map(str, files)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "6"
 
 
 def test_inputs_nested_hidden_globs_and_symlink_loops(tmp_path):

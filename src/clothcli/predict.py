@@ -8,7 +8,6 @@ CPUs that do bf16 natively. A file that cannot be read is a result with an error
 from __future__ import annotations
 
 import csv
-import functools
 import glob
 import json
 import os
@@ -114,9 +113,9 @@ def classify(
 
 class ClassifyInWorker:
     """A collate_fn that also runs the model, so each CPU loader worker decodes and classifies its own
-    batches. Several processes with a few threads each keep a CPU busier than one process that
-    alternates between waiting for batches and running a model whose threads do not scale perfectly
-    (1.29x measured with 2 workers on 2 cores, see README)."""
+    batches. One-thread processes keep a CPU busier than one process that alternates between waiting
+    for batches and running a model whose threads do not scale perfectly (1.29x measured with 2
+    workers on 2 cores, see README)."""
 
     def __init__(self, model: torch.nn.Module, top_k: int, use_bf16: bool):
         self.model, self.top_k, self.use_bf16 = model, top_k, use_bf16
@@ -124,10 +123,6 @@ class ClassifyInWorker:
     def __call__(self, samples: list) -> tuple:
         images, targets, indices, errors = collate(samples)
         return (*classify(self.model, images, self.top_k, self.use_bf16), targets, indices, errors)
-
-
-def _set_worker_threads(threads: int, worker_id: int) -> None:
-    torch.set_num_threads(threads)  # DataLoader leaves each worker one thread
 
 
 def predict_files(
@@ -144,14 +139,16 @@ def predict_files(
     """Yield one Prediction per file, in the order of `files`.
 
     `uint8_transfer` (default: on for CUDA) ships uint8 batches and normalises them on the device.
-    `model_in_workers` (default: on for a CPU with loader workers) runs the model inside the loader
-    workers, each with its share of the CPU threads."""
+    `model_in_workers` runs the model inside the loader workers, one thread each. The default turns
+    it on for a CPU with at least as many workers as torch has threads: workers are forked, and GNU
+    OpenMP hangs in a forked child that asks for more than one thread once the parent has used its
+    pool, so each worker keeps DataLoader's one thread, and fewer workers would leave cores idle."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA device is available")
     on_gpu = device.startswith("cuda")
     if model_in_workers is None:
-        model_in_workers = not on_gpu and workers > 0
+        model_in_workers = not on_gpu and workers > 0 and workers >= torch.get_num_threads()
     if model_in_workers and (on_gpu or workers == 0):
         raise UserError("running the model in the loader workers needs a CPU device and at least one worker")
     model, meta = load_checkpoint(checkpoint, device)
@@ -165,15 +162,9 @@ def predict_files(
     dataset = ImageFiles([(p, 0) for p in files], eval_transform(pre, uint8_out=uint8_transfer), decode_size(pre))
     normalise = BatchAugment(pre.mean, pre.std) if uint8_transfer else None
     if model_in_workers:
-        threads = max(1, torch.get_num_threads() // workers)
-        loader = make_loader(
-            dataset,
-            batch_size,
-            workers,
-            collate_fn=ClassifyInWorker(model, top_k, use_bf16),
-            worker_init_fn=functools.partial(_set_worker_threads, threads),
+        batches: Iterator = iter(
+            make_loader(dataset, batch_size, workers, collate_fn=ClassifyInWorker(model, top_k, use_bf16))
         )
-        batches: Iterator = iter(loader)
     else:
         loader = make_loader(dataset, batch_size, workers)
         batches = _classify_in_process(loader, model, device, normalise, top_k, use_bf16)

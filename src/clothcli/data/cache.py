@@ -157,7 +157,9 @@ def _build(
     position = 0
     with atomic_path(data_path) as tmp, open(tmp, "wb") as out:
         if workers > 1:
-            pool = ProcessPoolExecutor(max_workers=workers)
+            # One thread per decoding process: `workers` of them already share the cores, and forked
+            # children that ask GNU OpenMP for several threads can deadlock once the parent used it.
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,))
             results = pool.map(_decode_job, jobs, chunksize=16)
         else:
             pool = None

@@ -255,7 +255,6 @@ def make_loader(
     sampler: Any = None,
     drop_last: bool = False,
     collate_fn: Callable = collate,
-    worker_init_fn: Callable[[int], None] | None = None,
 ) -> DataLoader:
     return DataLoader(
         dataset,
@@ -264,7 +263,6 @@ def make_loader(
         sampler=sampler,
         num_workers=workers,
         collate_fn=collate_fn,
-        worker_init_fn=worker_init_fn,
         drop_last=drop_last,
         # Worker RNG state does not matter (see SeededDraws), so workers live as long as the loader.
         persistent_workers=workers > 0,
