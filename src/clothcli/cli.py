@@ -313,7 +313,8 @@ def predict(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
     workers: Annotated[
-        int, typer.Option(min=0, help="Decoding worker processes; on a CPU each also runs the model.")
+        int,
+        typer.Option(min=0, help="Decoding worker processes; at least one per CPU thread also runs the model in them."),
     ] = 2,
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda or cuda:N.", show_default="cuda if available, else cpu")
