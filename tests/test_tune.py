@@ -11,12 +11,13 @@ from clothcli.training import prepare
 from clothcli.tuning import (
     RangeTest,
     binsearch_max_batch,
+    format_search,
     lr_for_training,
     lr_range_test,
     scale_lr,
     suggest,
     valley,
-    write_lr,
+    write_suggestion,
 )
 from conftest import TINY_OVERRIDES
 
@@ -122,14 +123,15 @@ def test_write_keeps_comments_and_still_loads(tmp_path):
     path.write_text(
         "# my experiment\noptim:\n  name: sgd  # the classic\n  lr: 0.04  # old value\ntrain:\n  epochs: 3\n"
     )
-    write_lr(path, 0.0123, batch_size=48)
+    write_suggestion(path, 0.0123, batch_size=48, mixed_precision="no", channels_last=False)
     text = path.read_text()
     assert "# my experiment" in text and "# the classic" in text and "lr: 0.0123  # old value" in text
     cfg = load_config(path)
     assert cfg.optim.lr == pytest.approx(0.0123) and cfg.train.batch_size == 48 and cfg.train.epochs == 3
+    assert cfg.train.mixed_precision == "no" and cfg.train.channels_last is False
     bare = tmp_path / "bare.yaml"
     bare.write_text("name: x\n")
-    write_lr(bare, 0.5)
+    write_suggestion(bare, 0.5)
     assert load_config(bare).optim.lr == 0.5
 
 
@@ -168,8 +170,30 @@ def test_cli_tune_cpu(tiny_dataset, tmp_path):
     assert data["batch_search"]["best"] in [8, 16, 32, 64, 128, 256]
     assert data["suggested_lr"] > 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+    formats = data["format_search"]
+    assert [(t["mixed_precision"], t["channels_last"]) for t in formats["trials"]] == [
+        ("no", False),
+        ("no", True),
+        ("bf16", False),
+        ("bf16", True),
+    ]
+    best = max(formats["trials"], key=lambda t: t["images_per_s"])
+    written = load_config(cfg)
+    assert written.train.mixed_precision == best["mixed_precision"]
+    assert written.train.channels_last == best["channels_last"]
+    assert "Training-step speed" in result.output
     assert "# keep me" in cfg.read_text()
     assert load_config(cfg).optim.lr == pytest.approx(float(f"{data['suggested_lr']:.3g}"))
+
+
+def test_format_search_times_every_candidate_and_gives_up_on_far_slower_ones(tiny_dataset):
+    cfg = tiny(tiny_dataset, "train.batch_size=4")
+    search = format_search(cfg, steps=2)
+    assert len(search.trials) == 4 and all(t["images_per_s"] > 0 for t in search.trials)
+    assert search.best == max(search.trials, key=lambda t: t["images_per_s"])
+    assert not any(t.get("stopped_after_warmup") for t in search.trials[:1])
+    impatient = format_search(cfg, steps=2, give_up_ratio=0.0)
+    assert [bool(t.get("stopped_after_warmup")) for t in impatient.trials] == [False, True, True, True]
 
 
 def test_terminal_curve_is_not_flattened_by_the_final_blow_up():

@@ -435,6 +435,13 @@ def tune(
     min_lr: Annotated[float, typer.Option(min=0.0, help="Start of the learning-rate sweep.")] = 1e-7,
     max_lr: Annotated[float, typer.Option(min=0.0, help="End of the learning-rate sweep.")] = 10.0,
     steps: Annotated[int, typer.Option(min=10, max=10000, help="Optimizer steps in the sweep.")] = 100,
+    formats_: Annotated[
+        bool,
+        typer.Option(
+            "--format-search/--no-format-search",
+            help="Time each precision and memory format; the fastest is used below and written.",
+        ),
+    ] = True,
     lr_test: Annotated[bool, typer.Option(help="Run the learning-rate range test.")] = True,
     batch_search: Annotated[bool, typer.Option(help="Run the batch-size search.")] = True,
     memory_budget_gb: Annotated[
@@ -444,7 +451,7 @@ def tune(
     write: Annotated[
         Path | None,
         typer.Option(
-            help="Update optim.lr (and train.batch_size) in this YAML, keeping the rest.",
+            help="Update optim.lr, train.batch_size and the chosen precision and memory format in this YAML.",
             show_default="nothing written",
         ),
     ] = None,
@@ -455,14 +462,27 @@ def tune(
         list[str] | None, typer.Option("--set", help="Override any config value (repeatable).", show_default="none")
     ] = None,
 ) -> None:
-    """Learning-rate range test and batch-size search; writes a suggestion."""
+    """Fastest precision and memory format, learning-rate range test, batch-size search; writes a suggestion."""
     import copy
 
-    from clothcli.tuning import batch_size_search, lr_for_training, lr_range_test, plot_range_test, write_lr
+    from clothcli.tuning import (
+        batch_size_search,
+        format_search,
+        lr_for_training,
+        lr_range_test,
+        plot_range_test,
+        write_suggestion,
+    )
 
     cfg = _config_from_options(config, set_, False, data=data, weights=weights)
-    if not (lr_test or batch_search):
-        raise UserError("nothing to do: both --no-lr-test and --no-batch-search were given")
+    if not (formats_ or lr_test or batch_search):
+        raise UserError("nothing to do: --no-format-search, --no-lr-test and --no-batch-search were all given")
+    formats = None
+    if formats_:
+        with render.TrainProgress() as progress:
+            formats = format_search(cfg, reporter=progress)
+        cfg.train.mixed_precision = formats.best["mixed_precision"]
+        cfg.train.channels_last = formats.best["channels_last"]
     search = None
     if batch_search:
         search = batch_size_search(cfg, memory_budget_gb=memory_budget_gb)
@@ -477,18 +497,21 @@ def tune(
         suggested_lr = lr_for_training(
             result, cfg.train.batch_size, cfg.train.grad_accum, cfg.optim.name, search.best if search else None
         )
-    render.tuning(result, search, suggested_lr, cfg, plot if result else None)
+    render.tuning(result, search, suggested_lr, cfg, plot if result else None, formats)
     if write:
-        write_lr(
+        write_suggestion(
             write,
             suggested_lr if suggested_lr is not None else cfg.optim.lr,
             search.best if search is not None else None,
+            formats.best["mixed_precision"] if formats else None,
+            formats.best["channels_last"] if formats else None,
         )
         render.note(f"updated {write}")
     if json_path:
         write_json(
             json_path,
             {
+                "format_search": formats.to_dict() if formats else None,
                 "lr_range_test": result.to_dict() if result else None,
                 "batch_search": search.to_dict() if search else None,
                 "suggested_lr": suggested_lr,

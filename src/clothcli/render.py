@@ -456,7 +456,22 @@ def _marker(values: list[float], index: int, width: int = 60) -> str:
     return " " * min(width - 1, int(index / step)) + "^"
 
 
-def tuning(result, search, suggested_lr, cfg, plot_path) -> None:
+def tuning(result, search, suggested_lr, cfg, plot_path, formats=None) -> None:
+    if formats is not None:
+        table = Table(title=f"Training-step speed ({formats.device}, batch {formats.batch_size})")
+        table.add_column("precision")
+        table.add_column("memory format")
+        table.add_column("images/s", justify="right")
+        for t in formats.trials:
+            note = " (warm-up step only: far slower)" if t.get("stopped_after_warmup") else ""
+            precision, memory_format = t["label"].split()
+            table.add_row(precision, memory_format, f"{t['images_per_s']:.1f}{note}")
+        console.print(table)
+        best = formats.best
+        console.print(
+            f"chosen: [bold]train.mixed_precision={best['mixed_precision']} "
+            f"train.channels_last={str(best['channels_last']).lower()}[/]"
+        )
     if search is not None:
         table = Table(title=f"Batch-size search ({search.device}: {search.rule})")
         table.add_column("batch size", justify="right")

@@ -1,6 +1,7 @@
-"""`tune`: Leslie Smith's learning-rate range test and a batch-size search.
+"""`tune`: which precision and memory format train fastest, Leslie Smith's learning-rate range test,
+and a batch-size search.
 
-Both reuse `training.prepare` and `training.training_step`, so they see exactly the model, data,
+All three reuse `training.prepare` and `training.training_step`, so they see exactly the model, data,
 augmentation, precision and optimizer that `train` would. The range test restores the model,
 optimizer and RNG states afterwards: tuning changes a following `train` only through the value
 it writes.
@@ -9,6 +10,7 @@ it writes.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import re
@@ -198,6 +200,76 @@ def _cycle(loader: Any):
             raise UserError("the training loader yields no batches (fewer images than one batch?)")
 
 
+# -- precision and memory format -------------------------------------------------------------------
+
+
+@dataclass
+class FormatSearch:
+    """Training-step speed of each (precision, memory format) for this model on this machine."""
+
+    device: str
+    batch_size: int
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "batch_size": self.batch_size, "trials": self.trials, "best": self.best}
+
+
+def format_candidates(on_gpu: bool) -> list[tuple[str, bool]]:
+    """(mixed_precision, channels_last) pairs worth timing: full precision and the device's half type."""
+    half = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "bf16"
+    return [(precision, cl) for precision in ("no", half) for cl in (False, True)]
+
+
+def _timed_steps(setup: Any, batch: int, steps: int) -> float:
+    """Seconds for `steps` training steps on a synthetic batch (the model's speed, not the loader's)."""
+    acc = setup.accelerator
+    size = setup.pre.input_size
+    x = torch.randn(batch, 3, size, size, device=acc.device)
+    y = torch.randint(0, len(setup.data.index.classes), (batch,), device=acc.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        training_step(acc, setup.model, setup.optimizer, setup.loss_fn, x, y, setup.channels_last, None)
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def format_search(
+    cfg: Config, steps: int = 3, give_up_ratio: float = 3.0, reporter: Reporter | None = None
+) -> FormatSearch:
+    """Time `steps` training steps (after one warm-up) of the configured model and batch in every
+    precision and memory format, and pick the fastest. Whether channels_last or bf16 pays depends on
+    the model and the hardware (on a CPU without native bf16, bf16 autocast is several times slower),
+    so it is measured, not assumed. A candidate whose warm-up step takes `give_up_ratio` times the
+    fastest warm-up so far is not timed further: it would only cost minutes to confirm it loses."""
+    reporter = reporter or SilentReporter()
+    on_gpu = torch.cuda.is_available()
+    search = FormatSearch(device="cuda" if on_gpu else "cpu", batch_size=cfg.train.batch_size)
+    fastest_warmup = math.inf
+    for precision, channels_last in format_candidates(on_gpu):
+        trial_cfg = copy.deepcopy(cfg)
+        trial_cfg.data.cache = "none"
+        trial_cfg.train.mixed_precision = precision
+        trial_cfg.train.channels_last = channels_last
+        trial_cfg.train.grad_accum = 1
+        label = f"{'fp32' if precision == 'no' else precision} {'channels_last' if channels_last else 'contiguous'}"
+        reporter.message(f"timing {label}")
+        setup = prepare(trial_cfg, reporter, compile_model=False)
+        warmup = _timed_steps(setup, cfg.train.batch_size, 1)
+        trial: dict[str, Any] = {"mixed_precision": precision, "channels_last": channels_last, "label": label}
+        if warmup > give_up_ratio * fastest_warmup:
+            trial.update(images_per_s=cfg.train.batch_size / warmup, stopped_after_warmup=True)
+        else:
+            trial["images_per_s"] = cfg.train.batch_size * steps / _timed_steps(setup, cfg.train.batch_size, steps)
+        fastest_warmup = min(fastest_warmup, warmup)
+        search.trials.append(trial)
+        del setup
+    search.best = max(search.trials, key=lambda t: t["images_per_s"])
+    return search
+
+
 # -- batch size ------------------------------------------------------------------------------------
 
 
@@ -350,8 +422,14 @@ def lr_for_training(
 # -- writing the suggestion ------------------------------------------------------------------------
 
 
-def write_lr(path: str | Path, lr: float, batch_size: int | None = None) -> None:
-    """Set optim.lr (and train.batch_size) in a YAML config in place, keeping comments and layout."""
+def write_suggestion(
+    path: str | Path,
+    lr: float,
+    batch_size: int | None = None,
+    mixed_precision: str | None = None,
+    channels_last: bool | None = None,
+) -> None:
+    """Set optim.lr (and each train.* value given) in a YAML config in place, keeping comments and layout."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -359,6 +437,10 @@ def write_lr(path: str | Path, lr: float, batch_size: int | None = None) -> None
     text = _set_key(text, "optim", "lr", f"{lr:.3g}")
     if batch_size is not None:
         text = _set_key(text, "train", "batch_size", str(batch_size))
+    if mixed_precision is not None:
+        text = _set_key(text, "train", "mixed_precision", json.dumps(mixed_precision))  # bare `no` is YAML false
+    if channels_last is not None:
+        text = _set_key(text, "train", "channels_last", str(channels_last).lower())
     from clothcli.io_utils import atomic_write_text
 
     atomic_write_text(path, text)
