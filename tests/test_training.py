@@ -348,21 +348,17 @@ def test_evaluate_at_another_test_size(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_accelerate_launch_two_cpu_processes(tiny_dataset, tmp_path):
+def test_two_cpu_processes_with_torchrun(tiny_dataset, tmp_path):
+    """Several CPU processes (gloo). `accelerate launch --cpu --num_processes 2` would start only one
+    (Accelerate needs mpirun for that), which an earlier version of this test did not notice."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [
         sys.executable,
         "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
         "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
         "-m",
         "clothcli",
         *cli_train_args(tiny_dataset, tmp_path / "runs", "ddp"),
@@ -374,7 +370,9 @@ def test_accelerate_launch_two_cpu_processes(tiny_dataset, tmp_path):
     history = rows(runs[0])
     assert len(history) == 2
     assert (runs[0] / "best" / "model.safetensors").is_file()
-    assert (proc.stdout + proc.stderr).count("epoch   1 ") == 1  # only the main process reports
+    output = proc.stdout + proc.stderr
+    assert output.count("epoch   1 ") == 1 and output.count("best epoch") == 1  # only the main process reports
+    assert "2 processes (MULTI_CPU)" in output
 
 
 def test_cli_ctrl_c_then_resume(tiny_dataset, tmp_path, monkeypatch):

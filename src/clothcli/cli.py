@@ -218,7 +218,8 @@ def train(
                 f"clothcli train --resume {progress.run_dir}"
             )
             raise typer.Exit(130) from None
-    render.train_summary(result)
+    if result.main_process:
+        render.train_summary(result)
 
 
 @app.command()

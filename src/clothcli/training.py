@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -105,6 +105,8 @@ class TrainResult:
     unreadable: list[dict[str, str]] = field(default_factory=list)
     # with train.compile: the first training step, which includes compiling the model
     compile_seconds: float | None = None
+    # False in the other processes of a distributed run, which leave reporting to the main one
+    main_process: bool = True
 
 
 def resolve_precision(requested: str, device_type: str) -> str:
@@ -422,8 +424,10 @@ def train(
             accelerator.register_for_checkpointing(obj)
 
     if resume is None:
-        base = Path(run_dir) if run_dir else unique_run_dir(Path(cfg.output_dir), cfg.name)
-        run_path = base
+        # The main process picks the folder and tells the others: each choosing its own free name
+        # would give them different folders once the main one has created its folder.
+        chosen = [str(Path(run_dir) if run_dir else unique_run_dir(Path(cfg.output_dir), cfg.name))]
+        run_path = Path(broadcast_object_list(chosen, from_process=0)[0])
         if accelerator.is_main_process:
             run_path.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_path / "config.yaml")
@@ -449,6 +453,11 @@ def train(
     stopped_early = False
     eval_model = ema.module if ema is not None else model
     compile_seconds: float | None = None
+    if accelerator.num_processes > 1:
+        reporter.message(
+            f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}): batch "
+            f"{cfg.train.batch_size} per process, {cfg.train.batch_size * accelerator.num_processes} per step in all"
+        )
     reporter.run_started(run_path)
     for epoch in range(start_epoch, cfg.train.epochs):
         set_seed(cfg.train.seed + epoch)
@@ -545,6 +554,7 @@ def train(
         stopped_early,
         [{"path": str(data.index.splits["train"].samples[i][0]), "reason": r} for i, r in sorted(unreadable.items())],
         compile_seconds,
+        accelerator.is_main_process,
     )
 
 
