@@ -13,10 +13,12 @@ same model, batch size, augmentation and epochs; the decode cache is built befor
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -145,16 +147,18 @@ def summarize(epochs: list[dict]) -> dict:
     }
 
 
-def clothcli_run(w: Workload, cache: str, channels_last: bool, precision: str, root: Path) -> dict:
-    """One `train()` in a fresh run folder under `root`; all runs share one decode cache there."""
-    out = Path(tempfile.mkdtemp(prefix="run", dir=root))
+def clothcli_overrides(
+    w: Workload, cache: str, channels_last: bool, precision: str, root: Path, out: Path, processes: int = 1
+) -> list[str]:
+    """The config for one clothcli run; with several processes the batch (per process in clothcli)
+    and the loader workers are split between them, so every pipeline takes the same optimizer steps."""
     overrides = [
         f"data.root={w.data}",
         f"model.name={w.model}",
         f"preprocess.input_size={w.size}",
-        f"train.batch_size={w.batch}",
+        f"train.batch_size={max(1, w.batch // processes)}",
         f"train.epochs={w.epochs}",
-        f"data.num_workers={w.workers}",
+        f"data.num_workers={max(1, w.workers // processes) if w.workers else 0}",
         f"data.cache={cache}",
         f"train.channels_last={str(channels_last).lower()}",
         f"train.mixed_precision={precision}",
@@ -165,15 +169,47 @@ def clothcli_run(w: Workload, cache: str, channels_last: bool, precision: str, r
         f"data.cache_dir={root / 'cache'}",
     ]
     overrides.append(f"model.weights={w.weights}" if w.weights else "model.pretrained=false")
-    cfg = load_config(None, overrides)
+    return overrides
+
+
+def clothcli_run(w: Workload, cache: str, channels_last: bool, precision: str, root: Path) -> dict:
+    """One `train()` in a fresh run folder under `root`; all runs share one decode cache there."""
+    out = Path(tempfile.mkdtemp(prefix="run", dir=root))
+    cfg = load_config(None, clothcli_overrides(w, cache, channels_last, precision, root, out))
     started = time.perf_counter()
     result = train(cfg)
     total = time.perf_counter() - started
     rows = [r for r in result.history if r["epoch"] != "swa"]
+    return clothcli_row(f"clothcli (cache={cache})", rows, precision, channels_last, total)
+
+
+def clothcli_torchrun(w: Workload, cache: str, channels_last: bool, precision: str, root: Path, processes: int) -> dict:
+    """`torchrun --nproc_per_node P -m clothcli train` (one thread per process): data-parallel training
+    on one CPU. Timings come from the run's metrics.csv."""
+    out = Path(tempfile.mkdtemp(prefix="run", dir=root))
+    overrides = clothcli_overrides(w, cache, channels_last, precision, root, out, processes)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    cmd += ["-m", "clothcli", "train", "--name", "bench", *[a for kv in overrides for a in ("--set", kv)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    total = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun exited {proc.returncode}: {proc.stderr[-2000:]}")
+    with open(out / "bench" / "metrics.csv", newline="") as f:
+        rows = [
+            {k: (v if k == "epoch" else float(v)) for k, v in row.items() if v != ""}
+            for row in csv.DictReader(f)
+            if row["epoch"] != "swa"
+        ]
+    return clothcli_row(f"clothcli (cache={cache}), {processes} processes", rows, precision, channels_last, total)
+
+
+def clothcli_row(name: str, rows: list[dict], precision: str, channels_last: bool, total: float) -> dict:
     train_s = sum(r["seconds"] for r in rows)
     val_s = sum(r["val_seconds"] for r in rows)
     return {
-        "pipeline": f"clothcli (cache={cache})",
+        "pipeline": name,
         **summarize(rows),
         "dtype": precision if precision != "no" else "fp32",
         "memory_format": "channels_last" if channels_last else "contiguous",
@@ -240,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=1, help="run every pipeline this many times, alternating, against host drift"
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="CPU: also time clothcli under torchrun, this many processes (1: skip)",
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/train_throughput.json"))
     parser.add_argument("--tiny", action="store_true", help="generated data, tiny model (for CI)")
     args = parser.parse_args(argv)
@@ -273,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             (clothcli_run, (workload, cache, channels_last, precision, out))
             for cache, channels_last, precision in variants
         ]
+        if args.processes > 1 and device == "cpu":  # on a GPU machine, one process per GPU instead
+            pipelines.append((clothcli_torchrun, (workload, "memory", True, variants[-1][2], out, args.processes)))
         rounds = run_rounds(pipelines, args.rounds)
     results = combine_rounds(rounds)
     table = Table(title=f"Training throughput — {args.model} @ {args.size}px, batch {args.batch}, {device}")
