@@ -34,7 +34,7 @@ for ckpt in /tmp/runs/gpu-40 /tmp/runs/gpu-40/swa; do
     python3 -m clothcli evaluate $ckpt $DATA --split test --json "$RES/eval_$(basename $ckpt).json" 2>&1 | head -3
 done
 # predict on the GPU against the plain CPU loop (same outputs?), then training throughput vs plain.
-python3 benchmarks/predict_throughput.py /tmp/runs/gpu-40 $DATA --workers $WORKERS --json "$RES/predict.json" 2>&1 | tail -9
+python3 benchmarks/predict_throughput.py /tmp/runs/gpu-40 $DATA --workers $WORKERS --json "$RES/predict.json" 2>&1 | tail -11
 python3 benchmarks/train_throughput.py --data $DATA --weights "$WEIGHTS" --size 224 --batch 256 \
     --workers $WORKERS --epochs $BENCH_EPOCHS --json "$RES/train_throughput.json" 2>&1 | tail -9
 # torch.compile (inductor) last, so the figures above survive a cut: the first step's time (compilation
