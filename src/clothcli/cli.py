@@ -440,7 +440,7 @@ def tune(
         bool,
         typer.Option(
             "--format-search/--no-format-search",
-            help="Time each precision and memory format; the fastest is used below and written.",
+            help="Time each precision and memory format; the other searches use the fastest, --write records it.",
         ),
     ] = True,
     lr_test: Annotated[bool, typer.Option(help="Run the learning-rate range test.")] = True,
