@@ -25,7 +25,7 @@ import torch
 
 from clothcli.config import Config, load_config
 from clothcli.errors import UserError
-from clothcli.training import Reporter, SilentReporter, plain_model, prepare, training_step
+from clothcli.training import Reporter, SilentReporter, plain_model, prepare, resolve_precision, training_step
 
 DEFAULT_SUGGESTION = "valley"
 
@@ -218,7 +218,7 @@ class FormatSearch:
 
 def format_candidates(on_gpu: bool) -> list[tuple[str, bool]]:
     """(mixed_precision, channels_last) pairs worth timing: full precision and the device's half type."""
-    half = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "bf16"
+    half = resolve_precision("auto", "cuda") if on_gpu else "bf16"  # on a CPU, timed even without native bf16
     return [(precision, cl) for precision in ("no", half) for cl in (False, True)]
 
 
@@ -228,6 +228,8 @@ def _timed_steps(setup: Any, batch: int, steps: int) -> float:
     size = setup.pre.input_size
     x = torch.randn(batch, 3, size, size, device=acc.device)
     y = torch.randint(0, len(setup.data.index.classes), (batch,), device=acc.device)
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         training_step(acc, setup.model, setup.optimizer, setup.loss_fn, x, y, setup.channels_last, None)
@@ -335,21 +337,10 @@ def batch_size_search(
     model, optimizer, acc = setup.model, setup.optimizer, setup.accelerator
     saved_model = copy.deepcopy(plain_model(acc, model).state_dict())
     saved_optimizer = copy.deepcopy(optimizer.state_dict())
-    size = setup.pre.input_size
-    classes = len(setup.data.index.classes)
 
     def run(batch: int, repeats: int) -> float:
-        x = torch.randn(batch, 3, size, size, device=acc.device)
-        y = torch.randint(0, classes, (batch,), device=acc.device)
-        training_step(acc, model, optimizer, setup.loss_fn, x, y, setup.channels_last, None)
-        if acc.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            training_step(acc, model, optimizer, setup.loss_fn, x, y, setup.channels_last, None)
-        if acc.device.type == "cuda":
-            torch.cuda.synchronize()
-        return batch * repeats / (time.perf_counter() - start)
+        _timed_steps(setup, batch, 1)  # warm-up
+        return batch * repeats / _timed_steps(setup, batch, repeats)
 
     search = BatchSearch(device=acc.device.type)
     try:
