@@ -13,6 +13,7 @@ from clothcli.data.batch_augment import TransformedBatches
 from clothcli.data.layout import find_split_dir, index_folder
 from clothcli.data.loading import IGNORE_INDEX, ImageFiles, decode_size, eval_transform, make_loader
 from clothcli.errors import UserError
+from clothcli.fusion import prepare_for_inference
 from clothcli.metrics import classification_report
 from clothcli.models import Preprocess
 from clothcli.training import make_accelerator, predict_batches, resolve_precision
@@ -58,7 +59,7 @@ def evaluate_checkpoint(
     pre = replace(pre, input_size=input_size or pre.input_size, crop_pct=crop_pct or pre.crop_pct)
     dataset = ImageFiles(index.samples, eval_transform(pre), decode_size(pre))
     loader = accelerator.prepare(make_loader(dataset, batch_size, workers))
-    model = model.to(memory_format=torch.channels_last)
+    model = prepare_for_inference(model, pre.input_size)
     logits, targets, indices, errors = predict_batches(model, loader, accelerator, channels_last=True)
     if tta_flip:
         flipped = TransformedBatches(loader, lambda images: images.flip(-1))

@@ -1,8 +1,9 @@
 """`predict`: classify the images of files, folders and glob patterns, streaming the results.
 
 Decoding runs in DataLoader workers (JPEGs much larger than the input are decoded at reduced
-size), the model runs batched under inference_mode in channels_last, with bf16 autocast on
-CPUs that do bf16 natively. A file that cannot be read is a result with an error, never an abort.
+size), the model runs batched under inference_mode in channels_last with its batch norms folded
+into the convolutions, with bf16 autocast on CPUs that do bf16 natively. A file that cannot be
+read is a result with an error, never an abort.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from clothcli.data.batch_augment import BatchAugment
 from clothcli.data.layout import is_hidden, is_image_name
 from clothcli.data.loading import ImageFiles, collate, decode_size, eval_transform, make_loader
 from clothcli.errors import UserError
+from clothcli.fusion import prepare_for_inference
 from clothcli.models import Preprocess, cpu_supports_bf16
 
 UNKNOWN = "unknown"
@@ -155,7 +157,7 @@ def predict_files(
     classes: list[str] = meta["classes"]
     top_k = min(top_k, len(classes))
     pre = Preprocess.from_dict(meta["preprocess"])
-    model = model.to(memory_format=torch.channels_last)
+    model = prepare_for_inference(model, pre.input_size)
     if uint8_transfer is None:
         uint8_transfer = on_gpu  # a quarter of the bytes over PCIe; on a CPU nothing to gain
     use_bf16 = on_gpu or cpu_supports_bf16()
