@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from clothcli.checkpoint import load_checkpoint
 from clothcli.cli import app
-from clothcli.config import load_config
+from clothcli.config import ModelConfig, load_config
+from clothcli.models import build_model
 from clothcli.training import SilentReporter, train
 from conftest import TINY_OVERRIDES, comparable
 
@@ -188,9 +189,6 @@ def test_checkpoint_write_is_atomic(tiny_dataset, tmp_path, monkeypatch):
 
 
 def test_local_weights_drop_imagenet_head(tmp_path):
-    from clothcli.config import ModelConfig
-    from clothcli.models import build_model
-
     source = timm.create_model("test_efficientnet", num_classes=1000)
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
@@ -218,6 +216,22 @@ def test_freeze_keeps_pretrained_layers_and_checkpoint_stays_plain(tiny_dataset,
     args = [*cli_train_args(tiny_dataset, tmp_path / "runs", "bad"), "--set", "model.freeze=[block.0]"]
     bad = runner.invoke(app, args)
     assert bad.exit_code == 2 and "did you mean blocks.0" in bad.output
+
+
+def test_freeze_bn_keeps_every_norm_at_pretrained_values_and_checkpoint_loads_plain(tiny_dataset, tmp_path):
+    source = timm.create_model("test_efficientnet", num_classes=1000)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    built = build_model(ModelConfig(name="test_efficientnet", weights=str(weights), freeze_bn=True), 3)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in built.modules())
+    result = train(tiny_config(tiny_dataset, tmp_path / "runs", f"model.weights={weights}", "model.freeze_bn=true"))
+    model, _ = load_checkpoint(result.run_dir / "last")
+    trained, pretrained = model.state_dict(), source.state_dict()
+    norms = [k for k in pretrained if ".bn" in k or k.startswith("bn")]
+    assert norms and all(torch.equal(trained[k], pretrained[k]) for k in norms if "num_batches" not in k)
+    assert not torch.equal(trained["conv_stem.weight"], pretrained["conv_stem.weight"])
+    resumed = train(None, resume=result.run_dir)
+    assert comparable(resumed.history) == comparable(result.history)
 
 
 def test_pretrained_offline_is_one_clear_line(tiny_dataset, tmp_path, monkeypatch):
@@ -248,9 +262,7 @@ def test_hub_transport_failure_is_reported(tmp_path, monkeypatch):
     """Online but the transfer fails: the fake transport raises, the user gets the same advice."""
     import timm.models._hub as hub
 
-    from clothcli.config import ModelConfig
     from clothcli.errors import UserError
-    from clothcli.models import build_model
 
     monkeypatch.setattr("clothcli.models.hub_reachable", lambda *a, **k: True)
 

@@ -53,6 +53,8 @@ class ModelConfig:
     drop_rate: float = field(default=0.0, metadata=_range(0.0, 1.0))
     # submodules to keep as pretrained (no gradients, fixed batch norm), e.g. [conv_stem, bn1, blocks.0]
     freeze: list[str] = field(default_factory=list)
+    # every batch norm fixed at its pretrained statistics and scale (timm freeze_batch_norm_2d)
+    freeze_bn: bool = False
 
 
 @dataclass

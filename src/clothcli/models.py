@@ -77,8 +77,12 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
     Freezing happens here rather than in training, so evaluate and predict rebuild the same
     module structure (frozen batch norm has no `num_batches_tracked`) before loading a checkpoint.
+    `cfg.freeze_bn` fixes every batch norm at its pretrained statistics and scale: a training step
+    then skips the batch statistics and their backward pass (MobileNetV3-Small at 192 px on a
+    2-core CPU: 72-91 img/s against 64-70).
     """
-    return freeze_modules(_with_weights(cfg, num_classes), cfg.freeze)
+    model = freeze_modules(_with_weights(cfg, num_classes), cfg.freeze)
+    return timm.utils.model.freeze_batch_norm_2d(model) if cfg.freeze_bn else model
 
 
 def freeze_modules(model: nn.Module, names: list[str]) -> nn.Module:
