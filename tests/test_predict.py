@@ -6,13 +6,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from clothcli.checkpoint import load_checkpoint
 from clothcli.cli import app
 from clothcli.config import load_config
 from clothcli.data.images import ImageReadError, load_rgb
+from clothcli.data.loading import ImageFiles, decode_size, eval_transform
 from clothcli.errors import UserError
+from clothcli.models import Preprocess
 from clothcli.predict import collect_inputs, predict_files, run_predict
 from clothcli.training import train
 from conftest import COLORS, TINY_OVERRIDES, make_dataset, make_image
@@ -123,6 +127,22 @@ def test_uint8_transfer_gives_the_same_outputs(checkpoint, tmp_path):
     assert [(p.labels, p.error) for p in plain] == [(p.labels, p.error) for p in shipped]
     for a, b in zip(plain, shipped):
         assert all(abs(x - y) < 1e-5 for x, y in zip(a.probs, b.probs))
+
+
+def test_probabilities_are_the_checkpoints_own_model_on_its_preprocessing(checkpoint, tmp_path):
+    """predict folds batch norm and runs channels_last; its probabilities must still be those of the
+    checkpoint's model, unfused, on the checkpoint's eval preprocessing."""
+    files = sorted(make_image(tmp_path / f"{name}.png", color, (50, 30)) for name, color in COLORS.items())
+    predictions = list(predict_files(checkpoint, files, batch_size=2, workers=0, top_k=3))
+    model, meta = load_checkpoint(checkpoint)
+    pre = Preprocess.from_dict(meta["preprocess"])
+    dataset = ImageFiles([(path, 0) for path in files], eval_transform(pre), decode_size(pre))
+    with torch.inference_mode():
+        expected = model(torch.stack([dataset[i][0] for i in range(len(files))])).softmax(1)
+    for prediction, probs in zip(predictions, expected):
+        top = probs.topk(3)
+        assert prediction.labels == [meta["classes"][i] for i in top.indices.tolist()]
+        assert prediction.probs == pytest.approx(top.values.tolist(), abs=1e-5)
 
 
 def test_model_in_workers_gives_the_same_outputs(checkpoint, tmp_path):
