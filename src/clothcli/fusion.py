@@ -27,8 +27,9 @@ def _without_norm(norm: nn.Module) -> nn.Module:
     return nn.Identity()
 
 
-def _conv_norm_pairs(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, str]]:
-    """(conv, norm) module names where the norm's input is the very tensor the conv returned.
+def _conv_norm_pairs(model: nn.Module, sample: torch.Tensor) -> tuple[list[tuple[str, str]], torch.Tensor]:
+    """(conv, norm) module names where the norm's input is the very tensor the conv returned, and the
+    model's output on `sample` (the reference the folded copy is checked against).
 
     Modules called more than once per forward pass (shared weights) are left out, and so is a conv
     whose output goes to two norms. Conv outputs are kept alive until the pass ends so that no later
@@ -65,15 +66,16 @@ def _conv_norm_pairs(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, 
             handles.append(module.register_forward_pre_hook(before_norm(name)))
     try:
         with torch.inference_mode():
-            model(sample)
+            output = model(sample)
     finally:
         for handle in handles:
             handle.remove()
-    return [
+    pairs = [
         (conv, norms[0])
         for conv, norms in feeds.items()
         if len(norms) == 1 and calls[conv] == 1 and calls[norms[0]] == 1
     ]
+    return pairs, output
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -87,7 +89,7 @@ def fuse_batchnorm(model: nn.Module, sample: torch.Tensor, tolerance: float = 1e
     returned (with 0) when there is nothing to fold, or when the copy's outputs on `sample` differ by
     more than `tolerance` relative to the largest output."""
     model = model.eval()
-    pairs = _conv_norm_pairs(model, sample)
+    pairs, expected = _conv_norm_pairs(model, sample)
     if not pairs:
         return model, 0
     fused = copy.deepcopy(model)
@@ -96,7 +98,8 @@ def fuse_batchnorm(model: nn.Module, sample: torch.Tensor, tolerance: float = 1e
         _set_module(fused, conv_name, fuse_conv_bn_eval(fused.get_submodule(conv_name), norm))
         _set_module(fused, norm_name, _without_norm(norm))
     with torch.inference_mode():
-        expected, actual = model(sample).float(), fused(sample).float()
+        actual = fused(sample).float()
+    expected = expected.float()
     scale = expected.abs().max().clamp(min=1.0)
     if not torch.allclose(actual, expected, rtol=0.0, atol=tolerance * float(scale)):
         return model, 0

@@ -75,8 +75,9 @@ def _offline_message(name: str, reason: str) -> str:
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """A timm model with a head for `num_classes`, its starting weights, and `cfg.freeze` applied.
 
-    Freezing happens here rather than in training, so evaluate and predict rebuild the same
-    module structure (frozen batch norm has no `num_batches_tracked`) before loading a checkpoint.
+    Freezing happens here rather than in training, so a resumed run rebuilds the same module
+    structure (frozen batch norm has no `num_batches_tracked`) before loading its state; checkpoints
+    for evaluate and predict are saved in the plain layout (`checkpoint.state_dict_for_saving`).
     `cfg.freeze_bn` fixes every batch norm at its pretrained statistics and scale: a training step
     then skips the batch statistics and their backward pass (MobileNetV3-Small at 192 px on a
     2-core CPU: 72-91 img/s against 64-70).
