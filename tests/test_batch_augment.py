@@ -50,6 +50,22 @@ def test_jitter_factors_differ_per_image():
     assert len({round(float(o.mean()), 5) for o in out}) > 1
 
 
+def test_jitter_depends_on_seed_and_epoch_only():
+    """Its own generator: the global one is neither read nor advanced, and (seed, epoch) fix the draws."""
+    batch = images(n=4)
+    a, b = BatchAugment(PRE.mean, PRE.std, jitter=0.4, seed=3), BatchAugment(PRE.mean, PRE.std, jitter=0.4, seed=3)
+    a.set_epoch(1)
+    torch.manual_seed(0)
+    first = a(batch)
+    b.set_epoch(1)
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
+    assert torch.equal(b(batch), first)
+    assert torch.equal(torch.get_rng_state(), state)
+    b.set_epoch(2)
+    assert not torch.equal(b(batch), first)
+
+
 def test_uint8_train_transform_leaves_jitter_and_normalisation_out():
     from clothcli.config import AugmentConfig
 

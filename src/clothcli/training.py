@@ -308,7 +308,11 @@ def prepare(
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, data.train_loader)
     val_loader = accelerator.prepare(data.val_loader) if data.val_loader is not None else None
     if data.augment_on_device:
-        train_loader = TransformedBatches(train_loader, BatchAugment(pre.mean, pre.std, cfg.augment.color_jitter))
+        # each process jitters its own share of the batch differently
+        jitter_seed = cfg.train.seed * 1_000_003 + accelerator.process_index
+        train_loader = TransformedBatches(
+            train_loader, BatchAugment(pre.mean, pre.std, cfg.augment.color_jitter, jitter_seed)
+        )
         if val_loader is not None:
             val_loader = TransformedBatches(val_loader, BatchAugment(pre.mean, pre.std))
     loss_fn = _loss_fn(cfg, data.class_counts, accelerator.device)

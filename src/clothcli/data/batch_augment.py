@@ -33,12 +33,22 @@ def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: Sequence[in
 
 
 class BatchAugment:
-    """uint8 batch -> jittered (training only), normalised float batch, on the batch's device."""
+    """uint8 batch -> jittered (training only), normalised float batch, on the batch's device.
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], jitter: float = 0.0):
+    The jitter draws from its own generator, reseeded from (seed, epoch) by `set_epoch`, so that
+    like the per-image augmentation it depends on nothing but the epoch: not on what the loader's
+    workers took from the global generator, and a resumed run draws what an uninterrupted one did.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], jitter: float = 0.0, seed: int = 0):
         self.mean = list(mean)
         self.std = list(std)
         self.jitter = jitter
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = F.to_dtype(images, torch.float32, scale=True)
@@ -46,8 +56,9 @@ class BatchAugment:
             n = x.shape[0]
             # ColorJitter's ranges: uniform in [max(0, 1 - j), 1 + j]; the order is drawn per batch.
             low = max(0.0, 1 - self.jitter)
-            factors = torch.rand(3, n, device=x.device).mul_(1 + self.jitter - low).add_(low)
-            x = color_jitter(x, factors, torch.randperm(3).tolist())
+            factors = torch.rand(3, n, generator=self.generator).mul_(1 + self.jitter - low).add_(low)
+            order = torch.randperm(3, generator=self.generator).tolist()
+            x = color_jitter(x, factors.to(x.device), order)
         return F.normalize(x, self.mean, self.std)
 
 
@@ -64,6 +75,8 @@ class TransformedBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
+        if hasattr(self.transform, "set_epoch"):
+            self.transform.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Any, Any, Any]]:
         for images, targets, indices, errors in self.loader:
