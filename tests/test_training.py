@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from clothcli.checkpoint import load_checkpoint
 from clothcli.cli import app
 from clothcli.config import ModelConfig, load_config
+from clothcli.errors import UserError
 from clothcli.models import build_model
-from clothcli.training import SilentReporter, train
+from clothcli.training import SilentReporter, prepare, train
 from conftest import TINY_OVERRIDES, comparable
 
 runner = CliRunner()
@@ -99,6 +100,32 @@ def test_augmentation_does_not_depend_on_worker_count(tiny_dataset, tmp_path, ca
     inline = train(tiny_config(tiny_dataset, tmp_path / "w0", *extra, "data.num_workers=0", epochs=2))
     workers = train(tiny_config(tiny_dataset, tmp_path / "w2", *extra, "data.num_workers=2", epochs=2))
     assert comparable(inline.history) == comparable(workers.history)
+
+
+@pytest.mark.parametrize("data", [["data.cache=none"], ["data.cache=memory"], ["data.augment_on=device"]])
+def test_training_crops_smaller_than_the_evaluation_size(tiny_dataset, tmp_path, data):
+    """augment.crop_size sets the training crops only: validation and the checkpoint keep the input size."""
+    cfg = tiny_config(tiny_dataset, tmp_path / "runs", "augment.crop_size=24", *data, epochs=1)
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    setup = prepare(cfg)
+    train_images = next(iter(setup.train_loader))[0]
+    val_images = next(iter(setup.val_loader))[0]
+    assert train_images.shape[1:] == (3, 24, 24)
+    assert val_images.shape[1:] == (3, 32, 32)
+    messages = []
+
+    class Recorder(SilentReporter):
+        def message(self, text):
+            messages.append(text)
+
+    run = train(cfg, reporter=Recorder()).run_dir
+    assert json.loads((run / "best" / "checkpoint.json").read_text())["preprocess"]["input_size"] == 32
+    assert "training on 24 px crops; validation and the checkpoint use 32 px" in messages
+
+
+def test_crop_size_out_of_range_is_a_user_error(tiny_dataset, tmp_path):
+    with pytest.raises(UserError, match="crop_size"):
+        tiny_config(tiny_dataset, tmp_path, "augment.crop_size=4")
 
 
 def test_seeded_draws_depend_on_seed_and_epoch_only():

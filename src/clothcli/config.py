@@ -77,6 +77,9 @@ class AugmentConfig:
     hflip: float = field(default=0.5, metadata=_range(0.0, 1.0))
     auto_augment: str | None = None
     color_jitter: float = field(default=0.4, metadata=_range(0.0, 2.0))
+    # side of the training crops; None: preprocess.input_size. Smaller than the evaluation size makes
+    # steps cheaper, and random-resized-crop nets often score best tested larger ("FixRes")
+    crop_size: int | None = field(default=None, metadata=_range(8, 4096))
 
 
 @dataclass

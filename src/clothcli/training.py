@@ -39,6 +39,7 @@ from clothcli.data.loading import (
     CachedImages,
     ImageFiles,
     SeededDraws,
+    crop_size,
     decode_size,
     eval_transform,
     make_loader,
@@ -195,17 +196,16 @@ def _datasets(
     val = index.splits.get("validation")
     val_samples = val.samples if val is not None else []
     if cfg.data.cache == "none":
-        decode_min = decode_size(pre)
         return (
-            ImageFiles(train.samples, train_transform(pre, cfg.augment), decode_min),
-            ImageFiles(val_samples, eval_transform(pre), decode_min) if val_samples else None,
+            ImageFiles(train.samples, train_transform(pre, cfg.augment), decode_size(pre, cfg.augment)),
+            ImageFiles(val_samples, eval_transform(pre), decode_size(pre)) if val_samples else None,
         )
     from clothcli.data.cache import build_or_open
 
     out = []
-    for name, samples, transform in (
-        ("train", train.samples, tensor_train_transform(pre, cfg.augment, uint8_out=on_device)),
-        ("validation", val_samples, tensor_eval_transform(pre, uint8_out=on_device)),
+    for name, samples, transform, short_side in (
+        ("train", train.samples, tensor_train_transform(pre, cfg.augment, on_device), scale_size(pre, cfg.augment)),
+        ("validation", val_samples, tensor_eval_transform(pre, uint8_out=on_device), scale_size(pre)),
     ):
         if not samples:
             out.append(None)
@@ -213,7 +213,7 @@ def _datasets(
         start = time.perf_counter()
         images = build_or_open(
             [p for p, _ in samples],
-            scale_size(pre),
+            short_side,
             pre.interpolation,
             cfg.data.cache_dir,
             cfg.data.cache,
@@ -221,7 +221,7 @@ def _datasets(
         )
         where = "in memory" if images.in_memory else "memory-mapped"
         reporter.message(
-            f"decoded {name} images: {len(images)} at short side {scale_size(pre)} px, "
+            f"decoded {name} images: {len(images)} at short side {short_side} px, "
             f"{images.nbytes / 2**20:.0f} MB {where} ({time.perf_counter() - start:.1f}s)"
         )
         out.append(CachedImages(images, [t for _, t in samples], transform))
@@ -297,6 +297,10 @@ def prepare(
     pre = resolve_preprocess(model, cfg.preprocess)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if crop_size(pre, cfg.augment) != pre.input_size:
+        reporter.message(
+            f"training on {crop_size(pre, cfg.augment)} px crops; validation and the checkpoint use {pre.input_size} px"
+        )
     data = _build_data(cfg, index, pre, reporter, accelerator.device.type)
     optimizer = create_optimizer_v2(
         model,

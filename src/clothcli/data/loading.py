@@ -26,9 +26,14 @@ from clothcli.models import Preprocess
 IGNORE_INDEX = -1
 
 
+def crop_size(pre: Preprocess, aug: AugmentConfig) -> int:
+    """Side of the training crops: `augment.crop_size`, else the evaluation input size."""
+    return aug.crop_size or pre.input_size
+
+
 def train_transform(pre: Preprocess, aug: AugmentConfig) -> Callable:
     return create_transform(
-        input_size=pre.input_size,
+        input_size=crop_size(pre, aug),
         is_training=True,
         scale=tuple(aug.scale),
         ratio=tuple(aug.ratio),
@@ -71,14 +76,18 @@ def eval_transform(pre: Preprocess, uint8_out: bool = False) -> Callable:
     return v2.Compose([ResizeShortSide(scale_size(pre), pre.interpolation), tensor_eval_transform(pre, uint8_out)])
 
 
-def decode_size(pre: Preprocess) -> int:
-    """Shortest side worth decoding: what the eval resize needs (JPEG draft may go no lower)."""
-    return math.ceil(pre.input_size / pre.crop_pct)
+def decode_size(pre: Preprocess, aug: AugmentConfig | None = None) -> int:
+    """Shortest side worth decoding: what the eval resize needs (JPEG draft may go no lower), or
+    the same margin around training crops larger than the evaluation size."""
+    side = max(pre.input_size, crop_size(pre, aug)) if aug is not None else pre.input_size
+    return math.ceil(side / pre.crop_pct)
 
 
-def scale_size(pre: Preprocess) -> int:
-    """The short side timm's eval transform resizes to before its centre crop."""
-    return math.floor(pre.input_size / pre.crop_pct)
+def scale_size(pre: Preprocess, aug: AugmentConfig | None = None) -> int:
+    """The short side timm's eval transform resizes to before its centre crop; with `aug`, what the
+    training images are cached at (larger when the training crops are larger than the input)."""
+    side = max(pre.input_size, crop_size(pre, aug)) if aug is not None else pre.input_size
+    return math.floor(side / pre.crop_pct)
 
 
 def tensor_train_transform(pre: Preprocess, aug: AugmentConfig, uint8_out: bool = False) -> Callable:
@@ -91,7 +100,11 @@ def tensor_train_transform(pre: Preprocess, aug: AugmentConfig, uint8_out: bool 
     interpolation = InterpolationMode(pre.interpolation)
     steps: list = [
         v2.RandomResizedCrop(
-            pre.input_size, scale=tuple(aug.scale), ratio=tuple(aug.ratio), interpolation=interpolation, antialias=True
+            crop_size(pre, aug),
+            scale=tuple(aug.scale),
+            ratio=tuple(aug.ratio),
+            interpolation=interpolation,
+            antialias=True,
         ),
     ]
     if aug.hflip > 0:
