@@ -35,9 +35,10 @@ def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: Sequence[in
 class BatchAugment:
     """uint8 batch -> jittered (training only), normalised float batch, on the batch's device.
 
-    The jitter draws from its own generator, reseeded from (seed, epoch) by `set_epoch`, so that
+    The jitter draws from its own generators, reseeded from (seed, epoch) by `set_epoch`, so that
     like the per-image augmentation it depends on nothing but the epoch: not on what the loader's
     workers took from the global generator, and a resumed run draws what an uninterrupted one did.
+    The factors come from a generator on the batch's device, so a GPU step never waits for a copy.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], jitter: float = 0.0, seed: int = 0):
@@ -45,10 +46,17 @@ class BatchAugment:
         self.std = list(std)
         self.jitter = jitter
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self._epoch_seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
 
     def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+        self._epoch_seed = (self.seed * 1_000_003 + epoch) % 2**63
+        self._generators.clear()
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self._epoch_seed)
+        return self._generators[device]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = F.to_dtype(images, torch.float32, scale=True)
@@ -56,9 +64,10 @@ class BatchAugment:
             n = x.shape[0]
             # ColorJitter's ranges: uniform in [max(0, 1 - j), 1 + j]; the order is drawn per batch.
             low = max(0.0, 1 - self.jitter)
-            factors = torch.rand(3, n, generator=self.generator).mul_(1 + self.jitter - low).add_(low)
-            order = torch.randperm(3, generator=self.generator).tolist()
-            x = color_jitter(x, factors.to(x.device), order)
+            factors = torch.rand(3, n, generator=self._generator(x.device), device=x.device)
+            factors.mul_(1 + self.jitter - low).add_(low)
+            order = torch.randperm(3, generator=self._generator(torch.device("cpu"))).tolist()
+            x = color_jitter(x, factors, order)
         return F.normalize(x, self.mean, self.std)
 
 
