@@ -36,7 +36,7 @@ done
 # predict on the GPU against the plain CPU loop (same outputs?), then training throughput vs plain.
 python3 benchmarks/predict_throughput.py /tmp/runs/gpu-40 $DATA --workers $WORKERS --json "$RES/predict.json" 2>&1 | tail -11
 python3 benchmarks/train_throughput.py --data $DATA --weights "$WEIGHTS" --size 224 --batch 256 \
-    --workers $WORKERS --epochs $BENCH_EPOCHS --json "$RES/train_throughput.json" 2>&1 | tail -9
+    --workers $WORKERS --epochs $BENCH_EPOCHS --json "$RES/train_throughput.json" 2>&1 | tail -14
 # torch.compile (inductor) last, so the figures above survive a cut: the first step's time (compilation
 # included) is printed apart, and the later epochs show the compiled speed.
 python3 -m clothcli train conf/mobilenet.yaml --data $DATA --weights "$WEIGHTS" --name gpu-compile --epochs 5 \
