@@ -297,10 +297,9 @@ def prepare(
     pre = resolve_preprocess(model, cfg.preprocess)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if crop_size(pre, cfg.augment) != pre.input_size:
-        reporter.message(
-            f"training on {crop_size(pre, cfg.augment)} px crops; validation and the checkpoint use {pre.input_size} px"
-        )
+    train_crop = crop_size(pre, cfg.augment)
+    if train_crop != pre.input_size:
+        reporter.message(f"training on {train_crop} px crops; validation and the checkpoint use {pre.input_size} px")
     data = _build_data(cfg, index, pre, reporter, accelerator.device.type)
     optimizer = create_optimizer_v2(
         model,

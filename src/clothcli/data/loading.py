@@ -76,18 +76,21 @@ def eval_transform(pre: Preprocess, uint8_out: bool = False) -> Callable:
     return v2.Compose([ResizeShortSide(scale_size(pre), pre.interpolation), tensor_eval_transform(pre, uint8_out)])
 
 
+def _largest_side(pre: Preprocess, aug: AugmentConfig | None) -> int:
+    """The evaluation input, or the training crops when `aug` is given and they are larger."""
+    return max(pre.input_size, crop_size(pre, aug)) if aug is not None else pre.input_size
+
+
 def decode_size(pre: Preprocess, aug: AugmentConfig | None = None) -> int:
     """Shortest side worth decoding: what the eval resize needs (JPEG draft may go no lower), or
     the same margin around training crops larger than the evaluation size."""
-    side = max(pre.input_size, crop_size(pre, aug)) if aug is not None else pre.input_size
-    return math.ceil(side / pre.crop_pct)
+    return math.ceil(_largest_side(pre, aug) / pre.crop_pct)
 
 
 def scale_size(pre: Preprocess, aug: AugmentConfig | None = None) -> int:
     """The short side timm's eval transform resizes to before its centre crop; with `aug`, what the
     training images are cached at (larger when the training crops are larger than the input)."""
-    side = max(pre.input_size, crop_size(pre, aug)) if aug is not None else pre.input_size
-    return math.floor(side / pre.crop_pct)
+    return math.floor(_largest_side(pre, aug) / pre.crop_pct)
 
 
 def tensor_train_transform(pre: Preprocess, aug: AugmentConfig, uint8_out: bool = False) -> Callable:
