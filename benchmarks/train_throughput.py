@@ -32,6 +32,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from clothcli.allocator import OPT_OUT_ENV, keep_freed_memory
 from clothcli.config import load_config
 from clothcli.training import train
 
@@ -149,17 +150,20 @@ def summarize(epochs: list[dict]) -> dict:
 
 @dataclass(frozen=True)
 class Variant:
-    """One clothcli configuration to time: decode cache, memory format, precision, and where colour
-    jitter and normalisation run (per image in the loader workers, or batched in the training process)."""
+    """One clothcli configuration to time: decode cache, memory format, precision, where colour
+    jitter and normalisation run (per image in the loader workers, or batched in the training process),
+    and whether freed memory stays in the process (`clothcli.allocator`, on in every `clothcli` command)."""
 
     cache: str
     channels_last: bool
     precision: str
     augment_on: str
+    keep_freed_memory: bool = True
 
     def name(self, processes: int = 1) -> str:
         jitter = ", jitter batched" if self.augment_on == "device" else ""
-        return f"clothcli (cache={self.cache}{jitter})" + (f", {processes} processes" if processes > 1 else "")
+        malloc = ", system malloc" if not self.keep_freed_memory else ""
+        return f"clothcli (cache={self.cache}{jitter}{malloc})" + (f", {processes} processes" if processes > 1 else "")
 
 
 def clothcli_overrides(w: Workload, v: Variant, root: Path, out: Path, processes: int = 1) -> list[str]:
@@ -190,6 +194,8 @@ def clothcli_run(w: Workload, v: Variant, root: Path) -> dict:
     """One `train()` in a fresh run folder under `root`; all runs share one decode cache there."""
     out = Path(tempfile.mkdtemp(prefix="run", dir=root))
     cfg = load_config(None, clothcli_overrides(w, v, root, out))
+    if v.keep_freed_memory:  # as the `clothcli` command does at start-up (this is a fresh process)
+        keep_freed_memory()
     started = time.perf_counter()
     result = train(cfg)
     total = time.perf_counter() - started
@@ -204,7 +210,7 @@ def clothcli_torchrun(w: Workload, v: Variant, root: Path, processes: int) -> di
     overrides = clothcli_overrides(w, v, root, out, processes)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     cmd += ["-m", "clothcli", "train", "--name", "bench", *[a for kv in overrides for a in ("--set", kv)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", OPT_OUT_ENV: "0" if v.keep_freed_memory else "1"}
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     total = time.perf_counter() - started
@@ -330,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             else [
                 Variant("none", True, "no", "workers"),
                 Variant("memory", False, "no", "workers"),
+                Variant("memory", True, "no", "workers", keep_freed_memory=False),
                 default,
                 Variant("memory", True, "no", "device"),
             ]

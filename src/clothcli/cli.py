@@ -11,6 +11,7 @@ from typing import Annotated, TypeVar
 import typer
 
 from clothcli import __version__, render
+from clothcli.allocator import keep_freed_memory
 from clothcli.errors import UserError
 
 app = typer.Typer(
@@ -56,6 +57,7 @@ def _root(
     ] = False,
 ) -> None:
     """Fine-tune and analyse image classifiers for datasets laid out as split/class/image."""
+    keep_freed_memory()
 
 
 def write_json(path: Path, data: dict) -> None:
