@@ -22,18 +22,36 @@ def images(n=4, size=24, seed=0):
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
 
 
-@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
-def test_jitter_matches_torchvision_per_image(order):
-    x = F.to_dtype(images(), torch.float32, scale=True)
-    factors = torch.tensor([[0.6, 1.0, 1.4, 0.0], [1.3, 0.7, 1.0, 2.0], [0.0, 1.2, 0.8, 1.5]])
+def per_image_jitter(x, factors, orders):
     adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
     expected = []
     for i in range(len(x)):
         img = x[i]
-        for op in order:
+        for op in orders[i].tolist():
             img = adjust[op](img, float(factors[op, i]))
         expected.append(img)
-    torch.testing.assert_close(color_jitter(x, factors, order), torch.stack(expected), rtol=0, atol=1e-6)
+    return torch.stack(expected)
+
+
+FACTORS = torch.tensor([[0.6, 1.0, 1.4, 0.0], [1.3, 0.7, 1.0, 2.0], [0.0, 1.2, 0.8, 1.5]])
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_jitter_matches_torchvision_per_image(order):
+    x = F.to_dtype(images(), torch.float32, scale=True)
+    orders = torch.tensor(order).repeat(len(x), 1)
+    expected = per_image_jitter(x, FACTORS, orders)
+    torch.testing.assert_close(color_jitter(x, FACTORS, orders), expected, rtol=0, atol=1e-6)
+
+
+def test_each_image_gets_its_own_order_of_adjustments():
+    x = F.to_dtype(images(), torch.float32, scale=True)
+    orders = torch.tensor([[0, 1, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]])
+    expected = per_image_jitter(x, FACTORS, orders)
+    torch.testing.assert_close(color_jitter(x, FACTORS, orders), expected, rtol=0, atol=1e-6)
+    _, drawn = BatchAugment(PRE.mean, PRE.std, jitter=0.4).draw(64, torch.device("cpu"))
+    assert all(sorted(row) == [0, 1, 2] for row in drawn.tolist())
+    assert len({tuple(row) for row in drawn.tolist()}) == 6  # all six orders among 64 images
 
 
 def test_normalisation_is_bit_exact_with_the_per_image_pipeline():

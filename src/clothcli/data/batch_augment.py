@@ -4,7 +4,8 @@ With `data.augment_on: device` the DataLoader workers only crop, flip and auto-a
 (cheap integer work on the CPU, a quarter of the bytes to copy to the GPU), and the rest happens here
 on the device, batched: uint8 -> float, per-image colour jitter, normalisation. The arithmetic is
 torchvision's (`to_dtype`, `adjust_brightness/contrast/saturation`, `normalize`) with one factor per
-image instead of one per call, so an image comes out as the per-image pipeline would make it.
+image (factors and order of the adjustments) instead of one per call, so an image comes out as the
+per-image pipeline would make it (up to rounding: the per-image pipeline works on uint8).
 """
 
 from __future__ import annotations
@@ -18,17 +19,24 @@ from torchvision.transforms.v2 import functional as F
 BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
 
 
-def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
-    """Brightness, contrast and saturation of float images in [0, 1] (N,3,H,W); `factors` is (3, N):
-    one factor per adjustment and image, applied in `order` (torchvision's blend and clamp)."""
-    for op in order:
-        f = factors[op].view(-1, 1, 1, 1)
-        if op == BRIGHTNESS:
-            images = images.mul(f).clamp_(0, 1)
-        else:
-            gray = F.rgb_to_grayscale(images, num_output_channels=1)
-            other = gray.mean(dim=(-3, -2, -1), keepdim=True) if op == CONTRAST else gray
-            images = images.mul(f).add_(other.mul(1 - f)).clamp_(0, 1)
+def color_jitter(images: torch.Tensor, factors: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast and saturation of float images in [0, 1] (N,3,H,W), torchvision's blend
+    and clamp. `factors` is (3, N): one factor per adjustment and image; `orders` is (N, 3): the
+    order in which each image gets the three (torchvision's ColorJitter draws one per image).
+
+    Each adjustment blends the image with something: zeros (brightness), the mean of its grey image
+    (contrast) or the grey image (saturation). So every step is one blend of the whole batch, each
+    image with its own partner and factor: no per-order grouping, no shapes that depend on the draw,
+    nothing that makes a GPU wait for the host.
+    """
+    for step in range(orders.shape[1]):
+        op = orders[:, step]
+        f = factors.gather(0, op.view(1, -1)).view(-1, 1, 1, 1)
+        op = op.view(-1, 1, 1, 1)
+        gray = F.rgb_to_grayscale(images, num_output_channels=1)
+        mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
+        other = torch.where(op == SATURATION, gray, torch.where(op == CONTRAST, mean, 0.0))
+        images = images.mul(f).add_(other.mul(1 - f)).clamp_(0, 1)
     return images
 
 
@@ -58,16 +66,20 @@ class BatchAugment:
             self._generators[device] = torch.Generator(device=device).manual_seed(self._epoch_seed)
         return self._generators[device]
 
+    def draw(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """ColorJitter's draws for n images: factors uniform in [max(0, 1 - j), 1 + j] (3, N) and a
+        random order of the three adjustments per image (N, 3)."""
+        generator = self._generator(device)
+        low = max(0.0, 1 - self.jitter)
+        factors = torch.rand(3, n, generator=generator, device=device).mul_(1 + self.jitter - low).add_(low)
+        orders = torch.rand(n, 3, generator=generator, device=device).argsort(dim=1)
+        return factors, orders
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = F.to_dtype(images, torch.float32, scale=True)
         if self.jitter:
             n = x.shape[0]
-            # ColorJitter's ranges: uniform in [max(0, 1 - j), 1 + j]; the order is drawn per batch.
-            low = max(0.0, 1 - self.jitter)
-            factors = torch.rand(3, n, generator=self._generator(x.device), device=x.device)
-            factors.mul_(1 + self.jitter - low).add_(low)
-            order = torch.randperm(3, generator=self._generator(torch.device("cpu"))).tolist()
-            x = color_jitter(x, factors, order)
+            x = color_jitter(x, *self.draw(n, x.device))
         return F.normalize(x, self.mean, self.std)
 
 
