@@ -44,6 +44,7 @@ from clothcli.data.loading import (
     eval_transform,
     make_loader,
     scale_size,
+    sub_seed,
     tensor_eval_transform,
     tensor_train_transform,
     train_transform,
@@ -312,7 +313,7 @@ def prepare(
     val_loader = accelerator.prepare(data.val_loader) if data.val_loader is not None else None
     if data.augment_on_device:
         # each process jitters its own share of the batch differently
-        jitter_seed = cfg.train.seed * 1_000_003 + accelerator.process_index
+        jitter_seed = sub_seed(cfg.train.seed, accelerator.process_index)
         train_loader = TransformedBatches(
             train_loader, BatchAugment(pre.mean, pre.std, cfg.augment.color_jitter, jitter_seed)
         )

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torchvision.transforms.v2 import functional as F
 
+from clothcli.data.loading import sub_seed
+
 BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
 
 
@@ -58,7 +60,7 @@ class BatchAugment:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def set_epoch(self, epoch: int) -> None:
-        self._epoch_seed = (self.seed * 1_000_003 + epoch) % 2**63
+        self._epoch_seed = sub_seed(self.seed, epoch)
         self._generators.clear()
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -78,8 +80,7 @@ class BatchAugment:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = F.to_dtype(images, torch.float32, scale=True)
         if self.jitter:
-            n = x.shape[0]
-            x = color_jitter(x, *self.draw(n, x.device))
+            x = color_jitter(x, *self.draw(len(x), x.device))
         return F.normalize(x, self.mean, self.std)
 
 

@@ -140,6 +140,12 @@ def tensor_eval_transform(pre: Preprocess, uint8_out: bool = False) -> Callable:
     return v2.Compose(steps)
 
 
+def sub_seed(seed: int, salt: int) -> int:
+    """The seed of one sub-stream of a run's randomness (an epoch, a process): distinct for every
+    (seed, salt) pair with a salt below a million, and a valid `manual_seed` for any seed."""
+    return (seed * 1_000_003 + salt) % 2**63
+
+
 class SeededDraws(Sampler):
     """Yields (index, seed) pairs: the order comes from `sampler`, the seed from (seed, epoch, position).
 
@@ -156,7 +162,7 @@ class SeededDraws(Sampler):
         self.epoch = 0
 
     def _epoch_seed(self) -> int:
-        return self.seed * 1_000_003 + self.epoch
+        return sub_seed(self.seed, self.epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
