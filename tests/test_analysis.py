@@ -15,9 +15,9 @@ def test_counts_imbalance_and_weights(tmp_path):
     for i in range(4, 8):
         make_image(root / "train" / "red" / f"extra{i}.jpg", (200, 30, 30), seed=100 + i)
     result = analyze_dataset(root)
-    train = result["splits"]["train"]
+    train = result.splits["train"]
     assert train["total"] == 16 and train["classes"]["red"] == 8 and train["imbalance_ratio"] == 2.0
-    weights = result["balance"]["class_weights"]
+    weights = result.balance["class_weights"]
     assert abs(sum(w * c for w, c in zip(weights, [4, 4, 8])) - 16) < 1e-9
 
 
@@ -35,7 +35,7 @@ def test_unreadable_files_are_listed_with_reasons(tmp_path):
     data = good.read_bytes()
     (root / "train" / "red" / "cut.jpg").write_bytes(data[: len(data) // 2])
     result = analyze_dataset(root)
-    reasons = {p["path"].rsplit("/", 1)[1]: p["reason"] for p in result["unreadable"]}
+    reasons = {p["path"].rsplit("/", 1)[1]: p["reason"] for p in result.unreadable}
     assert "0 bytes" in reasons["zero.jpg"]
     assert "not an image" in reasons["text.jpg"]
     assert "truncated" in reasons["cut.jpg"]
@@ -55,7 +55,7 @@ def test_exact_and_near_duplicates_across_splits(tmp_path):
     picture.save(root / "train" / "blue" / "big.png")
     picture.resize((60, 45)).save(root / "test" / "green" / "small.jpg", quality=90)
     result = analyze_dataset(root)
-    groups = result["duplicates"]
+    groups = result.duplicates
     exact = [g for g in groups if g["kind"] == "exact"]
     assert any(g["cross_split"] and any("copy.jpg" in p for p in g["paths"]) for g in exact)
     near = [g for g in groups if any("small.jpg" in p for p in g["paths"])]

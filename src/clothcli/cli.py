@@ -1,4 +1,9 @@
-"""The `clothcli` command line: parse options, call a core function, render the result."""
+"""The `clothcli` command line: parse options, call a core function, render the result.
+
+Each command is one function that declares its options and does nothing else; options several
+commands share are declared once below (`JsonOption`, `SetOption`, ...). It is long only because
+seven commands declare their options here.
+"""
 
 from __future__ import annotations
 
@@ -67,14 +72,46 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+# Options several commands share, declared once.
+JsonOption = Annotated[
+    Path | None, typer.Option("--json", help="Write the full result as JSON here.", show_default="not written")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any config value: --set train.epochs=5 (repeatable).", show_default="none"),
+]
+DataOption = Annotated[
+    Path | None, typer.Option("--data", help="Dataset folder (overrides data.root).", show_default="config's data.root")
+]
+WeightsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--weights",
+        help="Local pretrained weights file (overrides model.weights).",
+        show_default="config's model.weights",
+    ),
+]
+InputSizeOption = Annotated[
+    int | None,
+    typer.Option("--input-size", min=16, max=4096, help="Square input side in pixels.", show_default="the model's"),
+]
+DeviceOption = Annotated[
+    str | None, typer.Option("--device", help="cpu, cuda or cuda:N.", show_default="cuda if available, else cpu")
+]
+ConfigArgument = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Experiment YAML (e.g. conf/mobilenet-cpu.yaml); defaults if omitted.", show_default="built-in defaults"
+    ),
+]
+
+
 @app.command("analyze-data")
 @handle_errors
 def analyze_data(
     data_dir: Annotated[Path, typer.Argument(help="Dataset folder with train/, validation/ (or val/) and test/.")],
     deep: Annotated[bool, typer.Option(help="Fully decode every image (finds corrupt pixel data, slower).")] = False,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Write the full analysis as JSON here.", show_default="not written")
-    ] = None,
+    json_path: JsonOption = None,
     plot: Annotated[
         Path | None,
         typer.Option(help="Write a PNG bar chart of images per class and split here.", show_default="not drawn"),
@@ -93,7 +130,7 @@ def analyze_data(
         analysis = analyze_dataset(data_dir, deep=deep, workers=workers, progress=update)
     render.analysis(analysis)
     if json_path:
-        write_json(json_path, analysis)
+        write_json(json_path, analysis.to_dict())
         render.note(f"wrote {json_path}")
     if plot:
         plot_class_distribution(analysis, plot)
@@ -142,22 +179,9 @@ def _config_from_options(config: Path | None, overrides: list[str] | None, downl
 @app.command()
 @handle_errors
 def train(
-    config: Annotated[
-        Path | None,
-        typer.Argument(
-            help="Experiment YAML (e.g. conf/mobilenet-cpu.yaml); defaults if omitted.",
-            show_default="built-in defaults",
-        ),
-    ] = None,
-    data: Annotated[
-        Path | None, typer.Option(help="Dataset folder (overrides data.root).", show_default="config's data.root")
-    ] = None,
-    weights: Annotated[
-        Path | None,
-        typer.Option(
-            help="Local pretrained weights file (overrides model.weights).", show_default="config's model.weights"
-        ),
-    ] = None,
+    config: ConfigArgument = None,
+    data: DataOption = None,
+    weights: WeightsOption = None,
     model: Annotated[
         str | None, typer.Option(help="timm architecture (overrides model.name).", show_default="config's model.name")
     ] = None,
@@ -180,12 +204,7 @@ def train(
     download: Annotated[
         bool, typer.Option(help="Download clothing-dataset-small to data.root if it is missing.")
     ] = False,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set", help="Override any config value: --set train.epochs=5 (repeatable).", show_default="none"
-        ),
-    ] = None,
+    set_: SetOption = None,
     resume: Annotated[
         Path | None,
         typer.Option(help="Continue the run in this folder from its last completed epoch.", show_default="new run"),
@@ -239,18 +258,13 @@ def evaluate(
     tta: Annotated[
         bool, typer.Option(help="Average with the horizontally flipped image (test-time augmentation).")
     ] = False,
-    input_size: Annotated[
-        int | None,
-        typer.Option(min=16, max=4096, help="Test at this size instead of the trained one.", show_default="trained"),
-    ] = None,
+    input_size: InputSizeOption = None,
     crop_pct: Annotated[
         float | None,
         typer.Option(min=0.1, max=1.0, help="Centre-crop fraction instead of the trained one.", show_default="trained"),
     ] = None,
     normalize: Annotated[bool, typer.Option(help="Show the confusion matrix normalised per true class.")] = False,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Write the report as JSON.", show_default="not written")
-    ] = None,
+    json_path: JsonOption = None,
     markdown: Annotated[
         Path | None, typer.Option(help="Write the report as Markdown.", show_default="not written")
     ] = None,
@@ -277,7 +291,7 @@ def evaluate(
         )
     render.evaluation(report, normalize)
     if json_path:
-        write_json(json_path, report)
+        write_json(json_path, report.to_dict())
         render.note(f"wrote {json_path}")
     if markdown:
         atomic_write_text(markdown, markdown_report(report))
@@ -319,9 +333,7 @@ def predict(
         int,
         typer.Option(min=0, help="Decoding worker processes; at least one per CPU thread also runs the model in them."),
     ] = 2,
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda or cuda:N.", show_default="cuda if available, else cpu")
-    ] = None,
+    device: DeviceOption = None,
     show: Annotated[int, typer.Option(min=0, help="Rows of the results table shown on the terminal.")] = 50,
 ) -> None:
     """Classify the images of files and folders: fast, batched, robust to bad files."""
@@ -365,31 +377,22 @@ MODEL_HELP = "timm name, torchvision:NAME, a config YAML, or a checkpoint (run f
 @handle_errors
 def flops(
     model: Annotated[str, typer.Argument(help=MODEL_HELP)],
-    input_size: Annotated[
-        int | None, typer.Option(min=8, max=4096, help="Square input side in pixels.", show_default="the model's")
-    ] = None,
+    input_size: InputSizeOption = None,
     depth: Annotated[int, typer.Option(min=0, max=10, help="Module depth of the per-layer table.")] = 2,
     latency: Annotated[bool, typer.Option(help="Measure ms per image at batch 1 and at --batch.")] = True,
     batch: Annotated[int, typer.Option(min=1, max=1024, help="Larger batch for the latency measurement.")] = 32,
-    device: Annotated[
-        str | None, typer.Option(help="Device for the latency measurement.", show_default="cuda if available, else cpu")
-    ] = None,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Write everything as JSON.", show_default="not written")
-    ] = None,
+    device: DeviceOption = None,
+    json_path: JsonOption = None,
 ) -> None:
     """Per-layer MACs and parameters (thop), totals that agree with published figures, latency."""
-    import torch
-
     from clothcli.analysis.flops import count, measure_latency
     from clothcli.analysis.model_source import load_model_spec
+    from clothcli.runtime import resolve_device
 
     spec = load_model_spec(model, input_size)
     report = count(spec.model, spec.input_size, depth, spec.description)
     if latency:
-        report.latency = measure_latency(
-            spec.model, spec.input_size, batch, device or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        report.latency = measure_latency(spec.model, spec.input_size, batch, resolve_device(device))
     render.flops(report)
     if json_path:
         write_json(json_path, report.to_dict())
@@ -400,16 +403,12 @@ def flops(
 @handle_errors
 def rf(
     model: Annotated[str, typer.Argument(help=MODEL_HELP)],
-    input_size: Annotated[
-        int | None, typer.Option(min=8, max=4096, help="Square input side in pixels.", show_default="the model's")
-    ] = None,
+    input_size: InputSizeOption = None,
     depth: Annotated[int, typer.Option(min=1, max=10, help="Module depth of the per-layer table.")] = 2,
     verify: Annotated[
         bool, typer.Option(help="Check the overall field against the input gradient of the centre unit.")
     ] = False,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Write everything as JSON.", show_default="not written")
-    ] = None,
+    json_path: JsonOption = None,
 ) -> None:
     """Receptive field, effective stride and padding per layer; correct for branches and global context."""
     from clothcli.analysis.model_source import load_model_spec
@@ -428,13 +427,9 @@ def rf(
 @app.command()
 @handle_errors
 def tune(
-    config: Annotated[
-        Path | None, typer.Argument(help="Experiment YAML to tune.", show_default="built-in defaults")
-    ] = None,
-    data: Annotated[Path | None, typer.Option(help="Dataset folder.", show_default="config's data.root")] = None,
-    weights: Annotated[
-        Path | None, typer.Option(help="Local pretrained weights file.", show_default="config's model.weights")
-    ] = None,
+    config: ConfigArgument = None,
+    data: DataOption = None,
+    weights: WeightsOption = None,
     min_lr: Annotated[float, typer.Option(min=0.0, help="Start of the learning-rate sweep.")] = 1e-7,
     max_lr: Annotated[float, typer.Option(min=0.0, help="End of the learning-rate sweep.")] = 10.0,
     steps: Annotated[int, typer.Option(min=10, max=10000, help="Optimizer steps in the sweep.")] = 100,
@@ -458,68 +453,19 @@ def tune(
             show_default="nothing written",
         ),
     ] = None,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Write all figures as JSON.", show_default="not written")
-    ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override any config value (repeatable).", show_default="none")
-    ] = None,
+    json_path: JsonOption = None,
+    set_: SetOption = None,
 ) -> None:
-    """Fastest precision and memory format, learning-rate range test, batch-size search; writes a suggestion."""
-    import copy
-
-    from clothcli.tuning import (
-        batch_size_search,
-        format_search,
-        lr_for_training,
-        lr_range_test,
-        plot_range_test,
-        write_suggestion,
-    )
+    """Fastest precision and memory format, batch-size search, learning-rate range test; writes a suggestion."""
+    from clothcli.tuning import TuneOptions, run_tune
 
     cfg = _config_from_options(config, set_, False, data=data, weights=weights)
-    if not (formats_ or lr_test or batch_search):
-        raise UserError("nothing to do: --no-format-search, --no-lr-test and --no-batch-search were all given")
-    formats = None
-    if formats_:
-        with render.TrainProgress() as progress:
-            formats = format_search(cfg, reporter=progress)
-        cfg.train.mixed_precision = formats.best["mixed_precision"]
-        cfg.train.channels_last = formats.best["channels_last"]
-    search = None
-    if batch_search:
-        search = batch_size_search(cfg, memory_budget_gb=memory_budget_gb)
-    result = None
-    suggested_lr = None
-    if lr_test:
-        test_cfg = copy.deepcopy(cfg)
-        test_cfg.train.grad_accum = 1
-        with render.TrainProgress() as progress:
-            result = lr_range_test(test_cfg, min_lr, max_lr, steps, reporter=progress)
-        plot_range_test(result, plot)
-        suggested_lr = lr_for_training(
-            result, cfg.train.batch_size, cfg.train.grad_accum, cfg.optim.name, search.best if search else None
-        )
-    render.tuning(result, search, suggested_lr, cfg, plot if result else None, formats)
-    if write:
-        write_suggestion(
-            write,
-            suggested_lr if suggested_lr is not None else cfg.optim.lr,
-            search.best if search is not None else None,
-            formats.best["mixed_precision"] if formats else None,
-            formats.best["channels_last"] if formats else None,
-        )
-        render.note(f"updated {write}")
+    options = TuneOptions(formats_, batch_search, lr_test, min_lr, max_lr, steps, memory_budget_gb, plot, write)
+    with render.TrainProgress() as progress:
+        report = run_tune(cfg, options, reporter=progress)
+    render.tuning(report)
     if json_path:
-        write_json(
-            json_path,
-            {
-                "format_search": formats.to_dict() if formats else None,
-                "lr_range_test": result.to_dict() if result else None,
-                "batch_search": search.to_dict() if search else None,
-                "suggested_lr": suggested_lr,
-            },
-        )
+        write_json(json_path, report.to_dict())
         render.note(f"wrote {json_path}")
 
 

@@ -3,7 +3,7 @@
 In eval mode a batch norm is a fixed per-channel scale and shift, so it can live in the weights and
 bias of the convolution that feeds it (torch's `fuse_conv_bn_eval`). On a CPU that removes a full
 pass over every activation map: MobileNetV3-Small at 192 px ran 1.33-1.45x faster once folded
-(see README, "Benchmarks"). Which convolution feeds which norm is read from one traced
+(see docs/performance.md). Which convolution feeds which norm is read from one traced
 forward pass rather than from module names, and the fused model is checked against the original on
 the same input, so a model whose structure the pass misreads is returned unfused.
 """

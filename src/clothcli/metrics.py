@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -14,30 +15,44 @@ from torchmetrics.functional.classification import (
 )
 
 
-def classification_report(preds: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict[str, Any]:
-    """Accuracy with counts, P/R/F1 (weighted, micro, macro, per class) and the confusion matrix.
+@dataclass
+class ClassificationReport:
+    """Accuracy with counts, P/R/F1 (weighted, micro, macro, per class) and the confusion matrix."""
 
-    `preds` are predicted class indices, `targets` true indices (same length).
-    """
+    n: int
+    correct: int
+    accuracy: float
+    error_rate: float
+    classes: list[str]
+    averages: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_class: list[dict[str, Any]] = field(default_factory=list)
+    confusion_matrix: list[list[int]] = field(default_factory=list)
+    balanced_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def classification_report(preds: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> ClassificationReport:
+    """The report for predicted class indices `preds` against true indices `targets` (same length)."""
     k = len(classes)
     preds = preds.long().cpu()
     targets = targets.long().cpu()
     n = int(targets.numel())
     correct = int((preds == targets).sum())
-    report: dict[str, Any] = {
-        "n": n,
-        "correct": correct,
-        "accuracy": correct / n if n else 0.0,
-        "error_rate": 1 - correct / n if n else 0.0,
-        "classes": classes,
-    }
+    report = ClassificationReport(
+        n=n,
+        correct=correct,
+        accuracy=correct / n if n else 0.0,
+        error_rate=1 - correct / n if n else 0.0,
+        classes=list(classes),
+        confusion_matrix=[[0] * k for _ in range(k)],
+    )
     if n == 0:
-        report.update(averages={}, per_class=[], confusion_matrix=[[0] * k for _ in range(k)])
         return report
     args = {"preds": preds, "target": targets, "num_classes": k}
-    averages = {}
     for average in ("weighted", "micro", "macro"):
-        averages[average] = {
+        report.averages[average] = {
             "precision": float(multiclass_precision(**args, average=average, zero_division=0)),
             "recall": float(multiclass_recall(**args, average=average, zero_division=0)),
             "f1": float(multiclass_f1_score(**args, average=average, zero_division=0)),
@@ -46,8 +61,7 @@ def classification_report(preds: torch.Tensor, targets: torch.Tensor, classes: l
     recall = multiclass_recall(**args, average="none", zero_division=0)
     f1 = multiclass_f1_score(**args, average="none", zero_division=0)
     support = torch.bincount(targets, minlength=k)
-    report["averages"] = averages
-    report["per_class"] = [
+    report.per_class = [
         {
             "class": c,
             "precision": float(precision[i]),
@@ -57,8 +71,8 @@ def classification_report(preds: torch.Tensor, targets: torch.Tensor, classes: l
         }
         for i, c in enumerate(classes)
     ]
-    report["confusion_matrix"] = multiclass_confusion_matrix(**args).tolist()
-    report["balanced_accuracy"] = float(multiclass_accuracy(**args, average="macro"))
+    report.confusion_matrix = multiclass_confusion_matrix(**args).tolist()
+    report.balanced_accuracy = float(multiclass_accuracy(**args, average="macro"))
     return report
 
 

@@ -72,8 +72,9 @@ def _offline_message(name: str, reason: str) -> str:
     )
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """A timm model with a head for `num_classes`, its starting weights, and `cfg.freeze` applied.
+def build_model(cfg: ModelConfig, num_classes: int | None) -> nn.Module:
+    """A timm model with a head for `num_classes` (None: the architecture's own), its starting weights,
+    and `cfg.freeze` applied.
 
     Freezing happens here rather than in training, so a resumed run rebuilds the same module
     structure (frozen batch norm has no `num_batches_tracked`) before loading its state; checkpoints
@@ -105,7 +106,7 @@ def freeze_modules(model: nn.Module, names: list[str]) -> nn.Module:
     return model
 
 
-def _with_weights(cfg: ModelConfig, num_classes: int) -> nn.Module:
+def _with_weights(cfg: ModelConfig, num_classes: int | None) -> nn.Module:
     """A timm model with a head for `num_classes`, weights from `cfg.weights` or the hub.
 
     A local weights file goes through timm's own pretrained loader (`pretrained_cfg_overlay`),
@@ -161,9 +162,11 @@ def zero_init_head(model: nn.Module) -> nn.Module:
     return model
 
 
-def _create(name: str, num_classes: int, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+def _create(name: str, num_classes: int | None, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+    if num_classes is not None:
+        kwargs = {**kwargs, "num_classes": num_classes}
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as exc:
         raise UserError(f"model.kwargs not accepted by '{name}': {exc}") from None
     except RuntimeError as exc:
@@ -185,12 +188,3 @@ def resolve_preprocess(model: nn.Module, cfg: PreprocessConfig) -> Preprocess:
         raise UserError("preprocess.mean and preprocess.std need 3 values (R, G, B)")
     crop_pct = cfg.crop_pct or float(data_cfg.get("crop_pct", 0.875))
     return Preprocess(size, interpolation, mean, std, crop_pct)  # type: ignore[arg-type]
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -22,13 +22,12 @@ from typing import Any, TextIO
 
 import torch
 
-from clothcli.checkpoint import load_checkpoint
 from clothcli.data.batch_augment import BatchAugment
 from clothcli.data.layout import is_hidden, is_image_name
 from clothcli.data.loading import ImageFiles, collate, decode_size, eval_transform, make_loader
 from clothcli.errors import UserError
-from clothcli.fusion import prepare_for_inference
-from clothcli.models import Preprocess, cpu_supports_bf16
+from clothcli.inference import load_for_inference
+from clothcli.runtime import cpu_supports_bf16, resolve_device
 
 UNKNOWN = "unknown"
 
@@ -117,7 +116,7 @@ class ClassifyInWorker:
     """A collate_fn that also runs the model, so each CPU loader worker decodes and classifies its own
     batches. One-thread processes keep a CPU busier than one process that alternates between waiting
     for batches and running a model whose threads do not scale perfectly (1.29x measured with 2
-    workers on 2 cores, see README)."""
+    workers on 2 cores, see docs/performance.md)."""
 
     def __init__(self, model: torch.nn.Module, top_k: int, use_bf16: bool):
         self.model, self.top_k, self.use_bf16 = model, top_k, use_bf16
@@ -145,19 +144,15 @@ def predict_files(
     it on for a CPU with at least as many workers as torch has threads: workers are forked, and GNU
     OpenMP hangs in a forked child that asks for more than one thread once the parent has used its
     pool, so each worker keeps DataLoader's one thread, and fewer workers would leave cores idle."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA device is available")
-    on_gpu = device.startswith("cuda")
+    target = resolve_device(device)
+    on_gpu = target.type == "cuda"
     if model_in_workers is None:
         model_in_workers = not on_gpu and workers > 0 and workers >= torch.get_num_threads()
     if model_in_workers and (on_gpu or workers == 0):
         raise UserError("running the model in the loader workers needs a CPU device and at least one worker")
-    model, meta = load_checkpoint(checkpoint, device)
-    classes: list[str] = meta["classes"]
+    loaded = load_for_inference(checkpoint, target)
+    model, classes, pre = loaded.model, loaded.classes, loaded.preprocess
     top_k = min(top_k, len(classes))
-    pre = Preprocess.from_dict(meta["preprocess"])
-    model = prepare_for_inference(model, pre.input_size)
     if uint8_transfer is None:
         uint8_transfer = on_gpu  # a quarter of the bytes over PCIe; on a CPU nothing to gain
     use_bf16 = on_gpu or cpu_supports_bf16()
@@ -169,7 +164,7 @@ def predict_files(
         )
     else:
         loader = make_loader(dataset, batch_size, workers)
-        batches = _classify_in_process(loader, model, device, normalise, top_k, use_bf16)
+        batches = _classify_in_process(loader, model, target, normalise, top_k, use_bf16)
     for top_p, top_i, targets, indices, errors in batches:
         for row, (index, error) in enumerate(zip(indices.tolist(), errors)):
             path = files[index]
@@ -184,7 +179,12 @@ def predict_files(
 
 
 def _classify_in_process(
-    loader: Iterable, model: torch.nn.Module, device: str, normalise: BatchAugment | None, top_k: int, use_bf16: bool
+    loader: Iterable,
+    model: torch.nn.Module,
+    device: torch.device,
+    normalise: BatchAugment | None,
+    top_k: int,
+    use_bf16: bool,
 ) -> Iterator[tuple]:
     """The loader's batches classified here, on `device` (the GPU path, and a CPU without workers)."""
     for images, targets, indices, errors in loader:

@@ -288,9 +288,14 @@ def count(model: nn.Module, input_size: tuple[int, int, int], depth: int = 2, na
 
 
 def measure_latency(
-    model: nn.Module, input_size: tuple[int, int, int], batch: int = 32, device: str = "cpu", repeats: int = 5
+    model: nn.Module,
+    input_size: tuple[int, int, int],
+    batch: int = 32,
+    device: str | torch.device = "cpu",
+    repeats: int = 5,
 ) -> dict[str, float]:
     """Milliseconds per image at batch 1 and at `batch` (median of `repeats`, after warm-up)."""
+    device = torch.device(device)
     model = model.eval().to(device).to(memory_format=torch.channels_last)
     out = {}
     for n in (1, batch):
@@ -298,11 +303,11 @@ def measure_latency(
         times = []
         with torch.inference_mode():
             for i in range(repeats + 2):
-                if device.startswith("cuda"):
+                if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 model(x)
-                if device.startswith("cuda"):
+                if device.type == "cuda":
                     torch.cuda.synchronize()
                 if i >= 2:
                     times.append(time.perf_counter() - start)

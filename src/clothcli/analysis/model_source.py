@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import timm
@@ -40,20 +40,20 @@ def load_model_spec(source: str, input_size: int | None = None) -> ModelSpec:
     if path.exists():
         if path.suffix.lower() in (".yaml", ".yml"):
             from clothcli.config import load_config
+            from clothcli.models import build_model
 
             cfg = load_config(path)
-            from clothcli.models import check_architecture
-
-            check_architecture(cfg.model.name)
-            model = timm.create_model(cfg.model.name, pretrained=False, **cfg.model.kwargs)
+            # the architecture as checkpoints hold it: no starting weights, nothing frozen
+            arch = replace(cfg.model, pretrained=False, weights=None, freeze=[], freeze_bn=False)
+            model = build_model(arch, num_classes=None)
             default = cfg.preprocess.input_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
             spec = ModelSpec(model, (3, int(default), int(default)), f"{cfg.model.name} (from {path.name})")
         else:
-            from clothcli.checkpoint import load_checkpoint
+            from clothcli.inference import load_for_inference
 
-            model, meta = load_checkpoint(path)
-            size = int(meta["preprocess"]["input_size"])
-            spec = ModelSpec(model, (3, size, size), f"{meta['arch']} (checkpoint {meta['directory']})")
+            loaded = load_for_inference(path, "cpu", fold=False)
+            size = loaded.preprocess.input_size
+            spec = ModelSpec(loaded.model, (3, size, size), f"{loaded.arch} (checkpoint {loaded.directory})")
     elif source.startswith(("torchvision:", "tv:")):
         spec = _torchvision(source.split(":", 1)[1])
     elif timm.is_model(source):

@@ -17,6 +17,9 @@ and inputs whose stride or centre differ are reported as a misaligned merge. Ope
 global context (global pooling, as in squeeze-excite; attention over all tokens; a linear layer
 over flattened positions) make the field the whole input: the layer is reported as "global",
 and the local field, with those global branches ignored, is given beside it.
+
+One module on purpose: the tracing mode, the per-operation rules and the gradient check share the
+(r, j, c) arithmetic above, and split apart each would need the others' internals.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ import statistics
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -165,13 +166,31 @@ def balance_weights(counts: list[int]) -> dict[str, list[float]]:
     return {"class_weights": class_weights, "sampler_weights": sampler_weights}
 
 
+@dataclass
+class DatasetAnalysis:
+    """What `analyze-data` found; each field is plain data, as the JSON output holds it."""
+
+    root: str
+    classes: list[str]
+    splits: dict[str, dict[str, Any]]  # per split: directory, total, classes, shares, imbalance_ratio, skipped
+    balance: dict[str, list[float]]  # class_weights and sampler_weights for the training split
+    images: dict[str, Any]  # count, sizes, width, height, aspect_ratio, modes, formats, file_bytes
+    unreadable: list[dict[str, str]]
+    duplicates: list[dict[str, Any]]
+    warnings: list[str]
+    deep: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def analyze_dataset(
     root: str | Path,
     deep: bool = False,
     workers: int = 4,
     progress: Callable[[int, int], None] | None = None,
-) -> dict:
-    """Analyse every split of `root`; returns plain data (the JSON the CLI writes)."""
+) -> DatasetAnalysis:
+    """Analyse every split of `root`."""
     index: DatasetIndex = index_dataset(root)
     jobs = [
         (path, split.name, index.classes[target]) for split in index.splits.values() for path, target in split.samples
@@ -204,12 +223,12 @@ def analyze_dataset(
     aspect_bins = Counter(
         "portrait (<0.9)" if a < 0.9 else "landscape (>1.1)" if a > 1.1 else "square-ish" for a in aspects
     )
-    return {
-        "root": str(index.root),
-        "classes": index.classes,
-        "splits": splits,
-        "balance": balance_weights(train_counts),
-        "images": {
+    return DatasetAnalysis(
+        root=str(index.root),
+        classes=index.classes,
+        splits=splits,
+        balance=balance_weights(train_counts),
+        images={
             "count": len(reports),
             "sizes": dict(sizes.most_common()),
             "width": _distribution([r.width for r in readable]),
@@ -222,29 +241,27 @@ def analyze_dataset(
                 "total": sum(r.size_bytes for r in reports),
             },
         },
-        "unreadable": [
-            {"path": str(r.path), "split": r.split, "reason": r.error} for r in reports if r.error is not None
-        ],
-        "duplicates": find_duplicates(reports),
-        "warnings": index.warnings,
-        "deep": deep,
-    }
+        unreadable=[{"path": str(r.path), "split": r.split, "reason": r.error} for r in reports if r.error is not None],
+        duplicates=find_duplicates(reports),
+        warnings=index.warnings,
+        deep=deep,
+    )
 
 
-def plot_class_distribution(analysis: dict, path: str | Path) -> None:
+def plot_class_distribution(analysis: DatasetAnalysis, path: str | Path) -> None:
     """Bar chart of images per class, one bar group per split."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    classes = analysis["classes"]
-    splits = list(analysis["splits"])
+    classes = analysis.classes
+    splits = list(analysis.splits)
     x = np.arange(len(classes))
     width = 0.8 / max(1, len(splits))
     fig, ax = plt.subplots(figsize=(max(6, len(classes) * 0.8), 4))
     for i, split in enumerate(splits):
-        counts = [analysis["splits"][split]["classes"][c] for c in classes]
+        counts = [analysis.splits[split]["classes"][c] for c in classes]
         ax.bar(x + i * width - 0.4 + width / 2, counts, width, label=split)
     ax.set_xticks(x, classes, rotation=45, ha="right")
     ax.set_ylabel("images")

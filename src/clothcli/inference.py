@@ -1,0 +1,69 @@
+"""Loading a checkpoint to run it: the one path `evaluate`, `predict`, `flops` and `rf` share.
+
+A checkpoint carries everything inference needs: the architecture, the class names and the
+preprocessing. `load_for_inference` rebuilds the model, puts it on the device in eval mode and, for
+running it (not for analysing its structure), in channels_last with each batch norm folded into the
+convolution that feeds it (`fusion.prepare_for_inference`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clothcli.checkpoint import load_checkpoint
+from clothcli.fusion import prepare_for_inference
+from clothcli.models import Preprocess
+from clothcli.runtime import resolve_device
+
+
+@dataclass
+class InferenceModel:
+    """A checkpoint ready to classify: the model, its classes and how to preprocess its input."""
+
+    model: nn.Module
+    classes: list[str]
+    preprocess: Preprocess
+    arch: str
+    device: torch.device
+    directory: Path
+    meta: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def load_for_inference(
+    checkpoint: str | Path,
+    device: str | torch.device | None = None,
+    input_size: int | None = None,
+    crop_pct: float | None = None,
+    fold: bool = True,
+) -> InferenceModel:
+    """The checkpoint at `checkpoint` (run folder, checkpoint folder or its weights file) on `device`.
+
+    `input_size` / `crop_pct` override the recorded preprocessing (timm validate.py's `--img-size` /
+    `--crop-pct`). With `fold` the model is made fast to run (channels_last, batch norm folded and
+    checked against the unfolded model); without it the module structure stays as trained, which is
+    what counting MACs or tracing receptive fields needs.
+    """
+    device = resolve_device(device)
+    model, meta = load_checkpoint(checkpoint, device)
+    pre = Preprocess.from_dict(meta["preprocess"])
+    pre = replace(pre, input_size=input_size or pre.input_size, crop_pct=crop_pct or pre.crop_pct)
+    if fold:
+        model = prepare_for_inference(model, pre.input_size)
+    return InferenceModel(
+        model=model,
+        classes=list(meta["classes"]),
+        preprocess=pre,
+        arch=str(meta["arch"]),
+        device=device,
+        directory=Path(meta["directory"]),
+        meta=meta,
+    )

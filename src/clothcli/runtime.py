@@ -1,0 +1,116 @@
+"""Where and how a model runs: the device, the precision, the Accelerator, and the batched inference
+loop that training's validation and `evaluate` share.
+
+Every command that picks a device goes through `resolve_device`, so "cuda if available, else cpu"
+and the error for a missing GPU are decided in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState
+from torch import nn
+
+from clothcli.errors import UserError
+
+
+def resolve_device(requested: str | torch.device | None = None) -> torch.device:
+    """`requested` (cpu, cuda, cuda:N), or the GPU when there is one; UserError for a missing GPU."""
+    if requested is None or requested == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"unknown device '{requested}' (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {requested} requested but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise UserError(f"unsupported device '{requested}' (use cpu, cuda or cuda:N)")
+    return device
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str, device_type: str) -> str:
+    """'auto' means bf16 where the hardware does it natively, else full precision."""
+    if requested != "auto":
+        return requested
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "no"
+
+
+def make_accelerator(
+    mixed_precision: str, grad_accum: int = 1, device: torch.device | None = None, compile_backend: str | None = None
+) -> Accelerator:
+    """An Accelerator on `device` (default: `resolve_device()`); a single-process caller may build
+    several (tests, tune then train).
+
+    With `compile_backend`, `prepare` wraps the model in torch.compile (Accelerate's dynamo plugin)."""
+    device = device or resolve_device()
+    if AcceleratorState._shared_state and AcceleratorState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(
+        mixed_precision=resolve_precision(mixed_precision, device.type),
+        gradient_accumulation_steps=grad_accum,
+        cpu=device.type == "cpu",
+        dataloader_config=DataLoaderConfiguration(even_batches=True, non_blocking=device.type == "cuda"),
+        step_scheduler_with_optimizer=False,
+        dynamo_backend=compile_backend or "no",
+    )
+
+
+def check_compile_backend(name: str | None) -> None:
+    """UserError unless torch.compile knows backend `name` (checked before any work is done)."""
+    if name is None:
+        return
+    import torch._dynamo
+
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        usual = ", ".join(torch._dynamo.list_backends())  # without the debug and testing ones
+        raise UserError(f"train.compile: unknown torch.compile backend '{name}' (e.g. {usual}; eager for debugging)")
+
+
+def plain_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The model without Accelerate's or torch.compile's wrappers: what EMA, SWA and checkpoints use."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def predict_batches(
+    model: nn.Module, loader: Any, accelerator: Accelerator, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+    """Logits, targets and dataset indices over `loader`, gathered from all processes.
+
+    gather_for_metrics drops the samples accelerate duplicated to even out the last batch.
+    """
+    model.eval()
+    outputs, targets, indices, errors = [], [], [], []
+    with torch.inference_mode():
+        for images, target, index, errs in loader:
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with accelerator.autocast():
+                logits = model(images)
+            logits, target, index = accelerator.gather_for_metrics((logits.float(), target, index))
+            outputs.append(logits.cpu())
+            targets.append(target.cpu())
+            indices.append(index.cpu())
+            errors.extend((int(i), e) for i, e in zip(index.tolist(), errs) if e)
+    if not outputs:
+        empty = torch.empty(0)
+        return empty, empty.long(), empty.long(), errors
+    return torch.cat(outputs), torch.cat(targets), torch.cat(indices), errors
