@@ -24,7 +24,8 @@ def test_benchmark_tiny_mode(script, tmp_path):
     assert "images/s" in proc.stdout and out.is_file()
     if script == "train_throughput.py":
         splits = [r["time_split_seconds"] for r in json.loads(out.read_text())["results"] if "time_split_seconds" in r]
-        assert splits and all(s["train"] > 0 and s["validation"] > 0 for s in splits)
+        # validation of the tiny data can take under the 10 ms that metrics.csv resolves, so it may read 0
+        assert splits and all(s["train"] > 0 and s["validation"] >= 0 and s["other"] >= 0 for s in splits)
 
 
 def _load_train_benchmark():

@@ -1,0 +1,184 @@
+"""What a training step needs, built one way for `train` and `tune`: the data, the model (with its
+starting weights and preprocessing), the optimizer and the loss, handed to Accelerate; and the step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from timm.optim import create_optimizer_v2
+from torch import nn
+
+from clothcli.config import Config
+from clothcli.data.batch_augment import BatchAugment, TransformedBatches
+from clothcli.data.layout import index_dataset
+from clothcli.data.loading import IGNORE_INDEX, crop_size, sub_seed
+from clothcli.data.pipeline import TrainingData, build_training_data
+from clothcli.errors import UserError
+from clothcli.metrics import macro_f1
+from clothcli.models import Preprocess, build_model, resolve_preprocess
+from clothcli.runtime import check_compile_backend, make_accelerator, predict_batches, resolve_device
+
+NO_VALIDATION = {"val_loss": math.nan, "val_acc": math.nan, "val_f1": math.nan}
+
+
+class Reporter(Protocol):
+    """What the training loop tells its caller (the CLI renders it; tests may ignore it)."""
+
+    def message(self, text: str) -> None: ...
+    def run_started(self, run_dir: Path) -> None: ...
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def step(self, done: int, loss: float, acc: float, lr: float, images_per_s: float) -> None: ...
+    def epoch_end(self, row: dict[str, Any]) -> None: ...
+
+
+class SilentReporter:
+    def message(self, text: str) -> None:
+        pass
+
+    def run_started(self, run_dir: Path) -> None:
+        pass
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        pass
+
+    def step(self, done: int, loss: float, acc: float, lr: float, images_per_s: float) -> None:
+        pass
+
+    def epoch_end(self, row: dict[str, Any]) -> None:
+        pass
+
+
+def _loss_fn(cfg: Config, class_counts: list[int], device: torch.device) -> nn.Module:
+    weight = None
+    if cfg.train.imbalance == "loss":
+        total, k = sum(class_counts), len(class_counts)
+        weight = torch.tensor([total / (k * c) for c in class_counts], dtype=torch.float32, device=device)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing, ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class Setup:
+    """Everything a training step needs, built one way for `train` and `tune`."""
+
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: Any
+    train_loader: Any
+    val_loader: Any | None
+    loss_fn: nn.Module
+    channels_last: bool
+    data: TrainingData
+    pre: Preprocess
+
+
+def prepare(
+    cfg: Config, reporter: Reporter | None = None, optimizer_lr: float | None = None, compile_model: bool = True
+) -> Setup:
+    """Index the data, build model, loaders, optimizer and loss, and hand them to Accelerate."""
+    reporter = reporter or SilentReporter()
+    check_compile_backend(cfg.train.compile)
+    if not cfg.data.root:
+        raise UserError("no dataset given: pass --data PATH (or set data.root in the config)")
+    root = Path(cfg.data.root)
+    if not root.exists() and cfg.data.download:
+        from clothcli.data.download import download_dataset
+
+        reporter.message(f"downloading the dataset into {root}")
+        download_dataset(root)
+    index = index_dataset(root)
+
+    accelerator = make_accelerator(
+        cfg.train.mixed_precision,
+        cfg.train.grad_accum,
+        resolve_device(),
+        cfg.train.compile if compile_model else None,
+    )
+    if not accelerator.is_main_process:
+        reporter = SilentReporter()
+    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else True
+    for warning in index.warnings:
+        reporter.message(f"warning: {warning}")
+
+    set_seed(cfg.train.seed)
+    model = build_model(cfg.model, len(index.classes))
+    pre = resolve_preprocess(model, cfg.preprocess)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_crop = crop_size(pre, cfg.augment)
+    if train_crop != pre.input_size:
+        reporter.message(f"training on {train_crop} px crops; validation and the checkpoint use {pre.input_size} px")
+    data = build_training_data(cfg, index, pre, reporter, accelerator.device.type)
+    optimizer = create_optimizer_v2(
+        model,
+        opt=cfg.optim.name,
+        lr=optimizer_lr or cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        momentum=cfg.optim.momentum,
+    )
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, data.train_loader)
+    val_loader = accelerator.prepare(data.val_loader) if data.val_loader is not None else None
+    if data.augment_on_device:
+        # each process jitters its own share of the batch differently
+        jitter_seed = sub_seed(cfg.train.seed, accelerator.process_index)
+        train_loader = TransformedBatches(
+            train_loader, BatchAugment(pre.mean, pre.std, cfg.augment.color_jitter, jitter_seed)
+        )
+        if val_loader is not None:
+            val_loader = TransformedBatches(val_loader, BatchAugment(pre.mean, pre.std))
+    loss_fn = _loss_fn(cfg, data.class_counts, accelerator.device)
+    return Setup(accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre)
+
+
+def validate(
+    model: nn.Module, loader: Any, accelerator: Accelerator, channels_last: bool, num_classes: int
+) -> dict[str, float]:
+    logits, targets, _, _ = predict_batches(model, loader, accelerator, channels_last)
+    keep = targets != IGNORE_INDEX
+    logits, targets = logits[keep], targets[keep]
+    if targets.numel() == 0:
+        return dict(NO_VALIDATION)
+    preds = logits.argmax(1)
+    return {
+        "val_loss": float(nn.functional.cross_entropy(logits, targets)),
+        "val_acc": float((preds == targets).float().mean()),
+        "val_f1": macro_f1(preds, targets, num_classes),
+    }
+
+
+def is_better(value: float, best: float | None, monitor: str) -> bool:
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best if monitor == "val_loss" else value > best
+
+
+def training_step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: Any,
+    loss_fn: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    channels_last: bool,
+    clip_grad: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, clip and (when accumulation allows) step: shared by train and tune."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            logits = model(images)
+            loss = loss_fn(logits.float(), targets)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and clip_grad:
+            accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return logits, loss
