@@ -330,6 +330,14 @@ def test_cli_bad_inputs_exit_2(tiny_dataset, tmp_path):
     assert "did you mean" in runner.invoke(app, cases[1]).output
 
 
+def test_resume_without_a_recorded_config_is_one_line(tiny_dataset, tmp_path):
+    run = train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=1)).run_dir
+    (run / "config.yaml").unlink()
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    assert result.exit_code == 2 and "config file not found" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_cli_train_then_evaluate(tiny_dataset, tmp_path):
     result = runner.invoke(app, cli_train_args(tiny_dataset, tmp_path / "runs", "cli"))
     assert result.exit_code == 0, result.output

@@ -75,5 +75,3 @@ def _fmt_bytes(n: float) -> str:
 def _relative(path: str, root: str) -> str:
     prefix = root.rstrip("/") + "/"
     return path[len(prefix) :] if path.startswith(prefix) else path
-
-

@@ -289,5 +289,3 @@ def receptive_fields(report, depth: int, check: dict | None) -> None:
             f"{tuple(check['analytic'][1])}: {'match' if check['match'] else 'MISMATCH'}",
             highlight=False,
         )
-
-
