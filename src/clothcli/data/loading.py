@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from clothcli.config import AugmentConfig
 from clothcli.data.images import ImageReadError, load_rgb
 from clothcli.models import Preprocess
+from clothcli.runtime import resolve_device
 
 IGNORE_INDEX = -1
 
@@ -288,5 +289,5 @@ def make_loader(
         drop_last=drop_last,
         # Worker RNG state does not matter (see SeededDraws), so workers live as long as the loader.
         persistent_workers=workers > 0,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=resolve_device().type == "cuda",  # page-locked batches only where they go to a GPU
     )

@@ -19,7 +19,7 @@ import torch
 
 from clothcli.config import Config
 from clothcli.errors import UserError
-from clothcli.runtime import plain_model, resolve_precision
+from clothcli.runtime import plain_model, resolve_device, resolve_precision
 from clothcli.training.setup import Reporter, SilentReporter, prepare, training_step
 
 # -- precision and memory format -------------------------------------------------------------------
@@ -69,7 +69,7 @@ def format_search(
     so it is measured, not assumed. A candidate whose warm-up step takes `give_up_ratio` times the
     fastest warm-up so far is not timed further: it would only cost minutes to confirm it loses."""
     reporter = reporter or SilentReporter()
-    on_gpu = torch.cuda.is_available()
+    on_gpu = resolve_device().type == "cuda"
     search = FormatSearch(device="cuda" if on_gpu else "cpu", batch_size=cfg.train.batch_size)
     fastest_warmup = math.inf
     for precision, channels_last in format_candidates(on_gpu):
