@@ -31,11 +31,7 @@ class InferenceModel:
     arch: str
     device: torch.device
     directory: Path
-    meta: dict[str, Any]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    meta: dict[str, Any]  # the whole checkpoint.json, for what later steps record there
 
 
 def load_for_inference(

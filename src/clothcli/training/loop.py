@@ -182,10 +182,7 @@ class _Loop:
             # A constant SWA learning rate (what SWALR settles to), set per epoch: stateless, so resume is exact.
             for group in s.optimizer.param_groups:
                 group["lr"] = cfg.train.swa.lr
-        row, first_step = _train_one_epoch(
-            epoch, cfg, s.model, s.optimizer, s.train_loader, s.loss_fn, s.accelerator, self.ema,
-            s.channels_last, self.reporter, self.unreadable,
-        )  # fmt: skip
+        row, first_step = _train_one_epoch(epoch, cfg, s, self.ema, self.reporter, self.unreadable)
         if cfg.train.compile and self.compile_seconds is None and first_step is not None:
             self.compile_seconds = first_step
             self.reporter.message(
@@ -245,17 +242,13 @@ def _images_only(loader: Any, channels_last: bool) -> Iterator[torch.Tensor]:
 def _train_one_epoch(
     epoch: int,
     cfg: Config,
-    model: nn.Module,
-    optimizer: Any,
-    loader: Any,
-    loss_fn: nn.Module,
-    accelerator: Accelerator,
+    setup: Setup,
     ema: ModelEmaV3 | None,
-    channels_last: bool,
     reporter: Reporter,
     unreadable: dict[int, str],
 ) -> tuple[dict[str, Any], float | None]:
     """One epoch's metrics row, and how long its first step took (the compile time, when compiling)."""
+    model, optimizer, loader, accelerator = setup.model, setup.optimizer, setup.train_loader, setup.accelerator
     model.train()
     reporter.epoch_start(epoch, cfg.train.epochs, len(loader))
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -272,7 +265,7 @@ def _train_one_epoch(
                 unreadable[i] = e
         step_start = time.perf_counter()
         logits, loss = training_step(
-            accelerator, model, optimizer, loss_fn, images, targets, channels_last, cfg.train.clip_grad
+            accelerator, model, optimizer, setup.loss_fn, images, targets, setup.channels_last, cfg.train.clip_grad
         )
         if first_step_seconds is None:
             first_step_seconds = time.perf_counter() - step_start
