@@ -98,6 +98,8 @@ def test_same_config_same_metrics(tiny_dataset, tmp_path):
         [],
         ["train.ema.enabled=true", "train.imbalance=sampler", "train.grad_accum=2"],
         ["train.swa.enabled=true", "train.swa.start=0.5", "train.swa.lr=0.01", "train.imbalance=loss"],
+        # persistent workers start in the resumed epoch; dropout draws from the global RNG after that
+        ["data.num_workers=2", "model.drop_rate=0.5"],
     ],
 )
 def test_resume_matches_uninterrupted(tiny_dataset, tmp_path, extra):

@@ -289,5 +289,9 @@ def make_loader(
         drop_last=drop_last,
         # Worker RNG state does not matter (see SeededDraws), so workers live as long as the loader.
         persistent_workers=workers > 0,
+        # Creating an iterator draws the workers' base seed from this generator. Left to the global RNG,
+        # that draw happened only in the epoch that started the persistent workers, so a resumed run
+        # (whose workers start in a later epoch) saw a shifted stream in that epoch's dropout.
+        generator=torch.Generator(),
         pin_memory=resolve_device().type == "cuda",  # page-locked batches only where they go to a GPU
     )
