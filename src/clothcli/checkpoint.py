@@ -17,7 +17,7 @@ from torch import nn
 
 from clothcli import __version__
 from clothcli.errors import UserError
-from clothcli.io_utils import replace_dir
+from clothcli.io_utils import fault_point, readable_dir, recover_dir, replace_dir, staging_dir
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
@@ -42,29 +42,38 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> Path:
     """Write weights and metadata to a staging folder, then swap it in (atomic per folder)."""
     directory = Path(directory)
-    staging = directory.with_name(f".{directory.name}.staging")
+    recover_dir(directory)
+    staging = staging_dir(directory)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     meta = {**meta, "clothcli_version": __version__}
-    save_file(
-        state_dict_for_saving(model),
-        str(staging / WEIGHTS_FILE),
-        metadata={"arch": str(meta.get("arch", "")), "num_classes": str(meta.get("num_classes", ""))},
-    )
-    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    try:
+        save_file(state_dict_for_saving(model), str(staging / WEIGHTS_FILE), metadata=_file_metadata(meta))
+        fault_point()
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk gets its space back
+        raise
     replace_dir(staging, directory)
     return directory
 
 
+def _file_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """The safetensors header's metadata as one entry: safetensors keeps it in a hash map whose order
+    changes from process to process, so with several entries identical weights made different files."""
+    described = {"arch": str(meta.get("arch", "")), "num_classes": str(meta.get("num_classes", ""))}
+    return {"clothcli": json.dumps(described, sort_keys=True)}
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder for a run folder (best/, else last/), a checkpoint folder or its files."""
-    path = Path(path)
+    path = readable_dir(Path(path))
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
     if path.is_file():
         path = path.parent
-    for candidate in (path, path / "best", path / "last"):
+    for candidate in (path, readable_dir(path / "best"), readable_dir(path / "last")):
         if (candidate / META_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
             return candidate
     raise UserError(

@@ -13,10 +13,14 @@ previous epoch's complete version.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import math
+import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ from torch import nn
 from clothcli.checkpoint import save_checkpoint
 from clothcli.config import Config, from_dict, read_yaml, to_dict
 from clothcli.errors import UserError
-from clothcli.io_utils import atomic_write_text, replace_dir
+from clothcli.io_utils import atomic_write_text, fault_point, recover_dir, replace_dir, staging_dir
 from clothcli.models import Preprocess
 from clothcli.runtime import plain_model
 
@@ -66,19 +70,55 @@ class ResumePoint:
     state: TrainerState
 
 
-def unique_run_dir(output_dir: Path, name: str) -> Path:
-    """output_dir/name, or name-2, name-3 ...: never an existing folder."""
-    candidate = output_dir / name
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the disk or the quota is full. torch.save and safetensors
+    wrap the OSError in their own exception types, so their messages are read too."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen)
+        if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_is_a_user_error(run_dir: Path, what: str) -> Iterator[None]:
+    """Turn a full disk while writing `what` into one line that says what is intact and how to go on."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise UserError(
+            f"no space left on the device while saving {what} in {run_dir}; the checkpoints and state of the "
+            f"last completed epoch are intact. Free some space, then continue with: clothcli train --resume {run_dir}"
+        ) from None
+
+
+def create_run_dir(output_dir: Path, name: str) -> Path:
+    """Create and return output_dir/name, or name-2, name-3 ...: never an existing folder, also when
+    several runs start with the same name at once (each mkdir either creates the folder or fails)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
     suffix = 1
-    while candidate.exists():
-        suffix += 1
-        candidate = output_dir / f"{name}-{suffix}"
-    return candidate
+    while True:
+        candidate = output_dir / (name if suffix == 1 else f"{name}-{suffix}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            suffix += 1
 
 
 def read_resume_point(run_dir: str | Path) -> ResumePoint:
     """The recorded config and loop state of a run folder, or a UserError saying what is missing."""
     run_dir = Path(run_dir)
+    for folder in (STATE_DIR, "last", "best", "swa"):  # a swap a kill interrupted
+        recover_dir(run_dir / folder)
+    for leftover in run_dir.glob(".*.tmp"):  # files a killed process was writing; never complete
+        leftover.unlink()
     state_file = run_dir / STATE_DIR / TRAINER_STATE
     if not state_file.is_file():
         raise UserError(f"{run_dir}: nothing to resume (no {STATE_DIR}/{TRAINER_STATE})")
@@ -151,10 +191,23 @@ def save_epoch(
 
 def save_state(accelerator: Accelerator, run_dir: Path, trainer_state: TrainerState) -> None:
     """accelerate's full state (model, optimizer, scheduler, EMA, SWA, RNG) swapped in atomically."""
-    staging = run_dir / f".{STATE_DIR}.staging"
-    accelerator.save_state(str(staging), safe_serialization=True)
-    accelerator.wait_for_everyone()
+    target = run_dir / STATE_DIR
+    staging = staging_dir(target)
     if accelerator.is_main_process:
-        atomic_write_text(staging / TRAINER_STATE, json.dumps(asdict(trainer_state), default=str))
-        replace_dir(staging, run_dir / STATE_DIR)
+        recover_dir(target)
+        if staging.exists():
+            shutil.rmtree(staging)  # left by a run killed while writing it
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(staging), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            fault_point()
+            atomic_write_text(staging / TRAINER_STATE, json.dumps(asdict(trainer_state), default=str))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # a full disk gets its space back
+        raise
+    if accelerator.is_main_process:
+        replace_dir(staging, target)
     accelerator.wait_for_everyone()

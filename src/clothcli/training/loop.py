@@ -32,11 +32,12 @@ from clothcli.run_folder import (
     STATE_DIR,
     TrainerState,
     checkpoint_meta,
+    create_run_dir,
+    disk_full_is_a_user_error,
     metrics_row,
     read_resume_point,
     save_epoch,
     save_state,
-    unique_run_dir,
     without_nan,
 )
 from clothcli.runtime import plain_model
@@ -115,13 +116,17 @@ def train(
 
 
 def _open_run(cfg: Config, accelerator: Accelerator, run_dir: str | Path | None) -> Path:
-    """Create the run folder and record the config. The main process picks the folder and tells the
-    others: each choosing its own free name would give them different folders once the main one has
-    created its folder."""
-    chosen = [str(Path(run_dir) if run_dir else unique_run_dir(Path(cfg.output_dir), cfg.name))]
+    """Create the run folder and record the config. The main process creates the folder and tells the
+    others its name: each choosing its own free name would give them different folders."""
+    chosen = [""]
+    if accelerator.is_main_process:
+        if run_dir:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            chosen = [str(run_dir)]
+        else:
+            chosen = [str(create_run_dir(Path(cfg.output_dir), cfg.name))]
     run_path = Path(broadcast_object_list(chosen, from_process=0)[0])
     if accelerator.is_main_process:
-        run_path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_path / CONFIG_FILE)
     return run_path
 
@@ -203,8 +208,11 @@ class _Loop:
         stop = patience is not None and state.stale >= patience and epoch + 1 < cfg.train.epochs
         s.accelerator.wait_for_everyone()
         monitor = cfg.train.monitor
-        save_epoch(s.accelerator, self.run_path, self.eval_model, self.meta_base, row, monitor, improved, state.history)
-        save_state(s.accelerator, self.run_path, state)
+        with disk_full_is_a_user_error(self.run_path, f"epoch {epoch + 1}"):
+            save_epoch(
+                s.accelerator, self.run_path, self.eval_model, self.meta_base, row, monitor, improved, state.history
+            )
+            save_state(s.accelerator, self.run_path, state)
         self.reporter.epoch_end(row)
         if stop:
             self.reporter.message(f"early stopping: {monitor} did not improve for {patience} epochs")
@@ -224,13 +232,14 @@ class _Loop:
         row = metrics_row(epoch="swa", **metrics)
         improved = self._record(row, "swa")
         monitor, model = cfg.train.monitor, self.swa_model.module
-        save_epoch(
-            s.accelerator, self.run_path, model, self.meta_base, row, monitor, improved, self.state.history,
-            also_last=False,
-        )  # fmt: skip
-        if s.accelerator.is_main_process:
-            meta = {**self.meta_base, "epoch": "swa", "metrics": without_nan(metrics)}
-            save_checkpoint(model, self.run_path / "swa", meta)
+        with disk_full_is_a_user_error(self.run_path, "the SWA model"):
+            save_epoch(
+                s.accelerator, self.run_path, model, self.meta_base, row, monitor, improved, self.state.history,
+                also_last=False,
+            )  # fmt: skip
+            if s.accelerator.is_main_process:
+                meta = {**self.meta_base, "epoch": "swa", "metrics": without_nan(metrics)}
+                save_checkpoint(model, self.run_path / "swa", meta)
         self.reporter.epoch_end(row)
 
 
