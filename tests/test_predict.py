@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,73 @@ def test_cli_exit_codes(checkpoint, tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert "Traceback" not in result.output
+
+
+def _mixed_folder(folder: Path, n: int = 30) -> Path:
+    for i in range(n):
+        make_image(folder / f"{i:03d}.jpg", list(COLORS.values())[i % 3], seed=i)
+    (folder / "015_broken.jpg").write_bytes(b"\xff\xd8garbage")
+    return folder
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_interrupted_predict_resumes_to_the_file_an_uninterrupted_run_writes(checkpoint, tmp_path, suffix):
+    folder = _mixed_folder(tmp_path / "imgs")
+    options = {"workers": 0, "batch_size": 4, "top_k": 2}
+    full = tmp_path / f"full.{suffix}"
+    run_predict(checkpoint, [str(folder)], output=full, **options)
+    cut = tmp_path / f"cut.{suffix}"
+    seen = []
+
+    def interrupt_after_eleven(p):
+        seen.append(p)
+        if len(seen) == 11:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(checkpoint, [str(folder)], output=cut, on_result=interrupt_after_eleven, **options)
+    with open(cut, "a", encoding="utf-8") as fh:
+        fh.write(f"{folder}/011.jpg,re")  # a kill in the middle of the next row
+    classified = []
+    summary = run_predict(checkpoint, [str(folder)], output=cut, on_result=classified.append, resume=True, **options)
+    assert summary.already_done == 11 and len(classified) == 31 - 11
+    assert cut.read_bytes() == full.read_bytes()
+    # resuming a finished file classifies nothing and changes nothing
+    again = run_predict(checkpoint, [str(folder)], output=cut, resume=True, **options)
+    assert again.already_done == 31 and again.total == 0 and cut.read_bytes() == full.read_bytes()
+
+
+def test_predict_killed_part_way_resumes_without_classifying_again(checkpoint, tmp_path):
+    from clothcli.io_utils import FAULT_DELAY_ENV
+
+    folder = _mixed_folder(tmp_path / "imgs", n=60)
+    out, full = tmp_path / "out.csv", tmp_path / "full.csv"
+    args = [sys.executable, "-m", "clothcli", "predict", str(checkpoint), str(folder), "--workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*args, "-o", str(full)], env=env, check=True, capture_output=True, timeout=120)
+    proc = subprocess.Popen([*args, "-o", str(out)], env={**env, FAULT_DELAY_ENV: "0.05"}, stdout=subprocess.DEVNULL)
+    while not out.exists() or out.read_text().count("\n") < 20:
+        assert proc.poll() is None, "predict ended before it could be killed"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    rows = out.read_text().splitlines()
+    assert 20 <= len(rows) < 62 and full.read_text().splitlines()[: len(rows)] == rows  # valid as far as it got
+    done = subprocess.run([*args, "-o", str(out), "--resume"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(rows) - 1} image(s) were already in the output file" in done.stdout.replace("\n", " ")
+    assert out.read_bytes() == full.read_bytes()
+
+
+def test_predict_resume_refuses_what_it_cannot_continue(checkpoint, tmp_path):
+    folder = _mixed_folder(tmp_path / "imgs", n=3)
+    (tmp_path / "a.json").write_text("[\n  {")
+    run_predict(checkpoint, [str(folder)], output=tmp_path / "top1.csv", workers=0)
+    cases = [
+        ([], "give it with -o"),
+        (["-o", str(tmp_path / "a.json")], ".csv or .jsonl"),
+        (["-o", str(tmp_path / "top1.csv"), "--top-k", "2"], "columns differ"),
+    ]
+    for extra, message in cases:
+        result = runner.invoke(app, ["predict", str(checkpoint), str(folder), "--resume", "--workers", "0", *extra])
+        assert result.exit_code == 2 and message in result.output.replace("\n", " "), (extra, result.output)

@@ -335,6 +335,9 @@ def predict(
     ] = 2,
     device: DeviceOption = None,
     show: Annotated[int, typer.Option(min=0, help="Rows of the results table shown on the terminal.")] = 50,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run: skip the images already in the -o file, append the rest.")
+    ] = False,
 ) -> None:
     """Classify the images of files and folders: fast, batched, robust to bad files."""
     from clothcli.predict import run_predict
@@ -362,11 +365,12 @@ def predict(
             move_to,
             device,
             on_result,
+            resume,
         )
     render.predictions(rows, summary, top_k)
     if output:
         render.note(f"wrote {output}")
-    if summary.classified == 0:
+    if summary.classified == 0 and summary.already_done == 0:
         raise typer.Exit(1)
 
 

@@ -27,6 +27,7 @@ from clothcli.data.layout import is_hidden, is_image_name
 from clothcli.data.loading import ImageFiles, collate, decode_size, eval_transform, make_loader
 from clothcli.errors import UserError
 from clothcli.inference import load_for_inference
+from clothcli.io_utils import fault_point
 from clothcli.runtime import cpu_supports_bf16, resolve_device
 
 UNKNOWN = "unknown"
@@ -197,23 +198,52 @@ def _classify_in_process(
 class ResultWriter:
     """Streams predictions to CSV, JSON or JSONL (by extension) as they arrive."""
 
-    def __init__(self, path: Path, top_k: int):
+    def __init__(self, path: Path, top_k: int, resume: bool = False):
         self.path = path
         self.kind = path.suffix.lower().lstrip(".")
         if self.kind not in ("csv", "json", "jsonl"):
             raise UserError(f"--output must end in .csv, .json or .jsonl, got '{path.name}'")
         self.top_k = top_k
+        self.header = ["path", "label", "confidence"]
+        for k in range(2, top_k + 1):
+            self.header += [f"label_{k}", f"confidence_{k}"]
+        self.header.append("error")
+        # paths already written by an interrupted run of the same command
+        self.done: set[str] = set()
+        appending = resume and path.is_file() and path.stat().st_size > 0
+        if appending:
+            if self.kind == "json":
+                raise UserError("--resume needs a .csv or .jsonl output (a JSON array cut short cannot be continued)")
+            self.done = self._complete_rows()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh: TextIO = open(path, "w", encoding="utf-8", newline="")  # noqa: SIM115 (closed in close())
+        self.fh: TextIO = open(path, "a" if appending else "w", encoding="utf-8", newline="")  # noqa: SIM115
         self.count = 0
-        if self.kind == "csv":
-            header = ["path", "label", "confidence"]
-            for k in range(2, top_k + 1):
-                header += [f"label_{k}", f"confidence_{k}"]
-            self.csv = csv.writer(self.fh)
-            self.csv.writerow([*header, "error"])
+        self.csv = csv.writer(self.fh)
+        if self.kind == "csv" and not appending:
+            self.csv.writerow(self.header)
         elif self.kind == "json":
             self.fh.write("[\n")
+
+    def _complete_rows(self) -> set[str]:
+        """The paths in the existing file's complete rows. A last row that a kill cut short is removed,
+        so the file holds exactly the rows an uninterrupted run wrote first."""
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) != len(data):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(len(complete))
+        lines = complete.decode("utf-8").splitlines()
+        if self.kind == "jsonl":
+            try:
+                return {json.loads(line)["path"] for line in lines}
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{self.path}: not a clothcli JSONL file, cannot --resume into it") from None
+        rows = list(csv.reader(lines))
+        if not rows or rows[0] != self.header:
+            raise UserError(
+                f"{self.path}: its columns differ from this command's (another --top-k?); cannot --resume into it"
+            )
+        return {row[0] for row in rows[1:] if row}
 
     def write(self, p: Prediction) -> None:
         if self.kind == "csv":
@@ -236,6 +266,7 @@ class ResultWriter:
             self.fh.write(text)
         self.fh.flush()
         self.count += 1
+        fault_point()
 
     def close(self) -> None:
         if self.kind == "json":
@@ -276,6 +307,8 @@ class PredictSummary:
     errors: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     model_seconds_start: float = 0.0
+    # with --resume: images already in the output file, not classified again
+    already_done: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -295,8 +328,14 @@ def run_predict(
     move_to: Path | None = None,
     device: str | None = None,
     on_result: Callable[[Prediction], None] | None = None,
+    resume: bool = False,
 ) -> PredictSummary:
-    """Classify everything `inputs` names; stream to `output`; sort into folders if asked."""
+    """Classify everything `inputs` names; stream to `output`; sort into folders if asked.
+
+    With `resume`, the images already in `output` (from a run that was interrupted) are skipped and the
+    rest appended, so the file ends as an uninterrupted run writes it."""
+    if resume and output is None:
+        raise UserError("--resume continues an output file: give it with -o")
     if copy_to and move_to:
         raise UserError("use either --copy-to or --move-to, not both")
     if not 0.0 <= min_confidence <= 1.0:
@@ -308,9 +347,13 @@ def run_predict(
         raise UserError("no image files found in: " + ", ".join(inputs))
     summary = PredictSummary()
     start = time.perf_counter()
-    writer = ResultWriter(output, top_k) if output else None
+    writer = ResultWriter(output, top_k, resume) if output else None
+    files = found.files
+    if writer is not None and writer.done:
+        files = [f for f in files if str(f) not in writer.done]
+        summary.already_done = len(found.files) - len(files)
     try:
-        for p in predict_files(checkpoint, found.files, batch_size, workers, top_k, min_confidence, device):
+        for p in predict_files(checkpoint, files, batch_size, workers, top_k, min_confidence, device) if files else ():
             summary.total += 1
             if p.error:
                 summary.errors.append((str(p.path), p.error))

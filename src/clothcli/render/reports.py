@@ -175,6 +175,8 @@ def predictions(rows: list, summary, top_k: int) -> None:
         warn(f"{len(summary.errors)} file(s) could not be read:")
         for path, reason in summary.errors[:50]:
             err_console.print(f"  {path}: {reason}", highlight=False)
+    if summary.already_done:
+        note(f"{summary.already_done} image(s) were already in the output file and were not classified again")
     note(
         f"{summary.classified} classified, {len(summary.errors)} unreadable, "
         f"{summary.total} in {summary.seconds:.1f}s ({summary.images_per_s:.0f} images/s)"
