@@ -110,3 +110,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     except Exception as exc:  # corrupt file or wrong shapes: both are bad input
         raise UserError(f"{directory / WEIGHTS_FILE}: cannot load weights ({str(exc).splitlines()[0][:200]})") from None
     return model.to(device).eval(), meta
+
+
+def update_meta(path: str | Path, **values: Any) -> Path:
+    """Record `values` in a checkpoint's checkpoint.json (atomically; the weights are not touched)."""
+    from clothcli.io_utils import atomic_write_text
+
+    meta = read_meta(path)
+    directory = Path(meta.pop("directory"))
+    meta.update(values)
+    atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
+    return directory

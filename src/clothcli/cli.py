@@ -98,6 +98,13 @@ InputSizeOption = Annotated[
 DeviceOption = Annotated[
     str | None, typer.Option("--device", help="cpu, cuda or cuda:N.", show_default="cuda if available, else cpu")
 ]
+CalibrationOption = Annotated[
+    bool,
+    typer.Option(
+        "--calibration/--no-calibration",
+        help="Use the temperature fitted by `clothcli calibrate` (no effect before calibrating).",
+    ),
+]
 ConfigArgument = Annotated[
     Path | None,
     typer.Argument(
@@ -277,6 +284,10 @@ def evaluate(
     confusion_png: Annotated[
         Path | None, typer.Option(help="Write the confusion matrix as a PNG.", show_default="not drawn")
     ] = None,
+    reliability_png: Annotated[
+        Path | None, typer.Option(help="Write the reliability diagram as a PNG.", show_default="not drawn")
+    ] = None,
+    calibration: CalibrationOption = True,
 ) -> None:
     """Accuracy, precision/recall/F1 (weighted, micro, macro, per class) and the confusion matrix."""
     import csv
@@ -287,7 +298,16 @@ def evaluate(
 
     with render.progress_bar("evaluating"):
         report = evaluate_checkpoint(
-            checkpoint, data, split, batch_size, workers, tta, input_size=input_size, crop_pct=crop_pct
+            checkpoint,
+            data,
+            split,
+            batch_size,
+            workers,
+            tta,
+            input_size=input_size,
+            crop_pct=crop_pct,
+            calibrated=calibration,
+            reliability_png=reliability_png,
         )
     render.evaluation(report, normalize)
     if json_path:
@@ -306,6 +326,8 @@ def evaluate(
     if confusion_png:
         plot_confusion(report, confusion_png, normalize)
         render.note(f"wrote {confusion_png}")
+    if reliability_png:
+        render.note(f"wrote {reliability_png}")
 
 
 @app.command()
@@ -338,6 +360,7 @@ def predict(
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted run: skip the images already in the -o file, append the rest.")
     ] = False,
+    calibration: CalibrationOption = True,
 ) -> None:
     """Classify the images of files and folders: fast, batched, robust to bad files."""
     from clothcli.predict import run_predict
@@ -366,12 +389,46 @@ def predict(
             device,
             on_result,
             resume,
+            calibration,
         )
     render.predictions(rows, summary, top_k)
     if output:
         render.note(f"wrote {output}")
     if summary.classified == 0 and summary.already_done == 0:
         raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def calibrate(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Run folder (uses best/), checkpoint folder or model.safetensors.")
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Dataset folder with validation/ (and test/).", show_default="the run's data.root"),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")] = 2,
+    device: DeviceOption = None,
+    dry_run: Annotated[bool, typer.Option(help="Fit and report, but do not store the temperature.")] = False,
+    json_path: JsonOption = None,
+) -> None:
+    """Temperature scaling fitted on validation: ECE, NLL and Brier before and after; stores the temperature."""
+    from clothcli.calibration import calibrate_checkpoint
+    from clothcli.checkpoint import read_meta
+
+    if data is None:
+        data = (read_meta(checkpoint).get("config") or {}).get("data", {}).get("root")
+        if not data:
+            raise UserError("no dataset given: pass --data PATH")
+    with render.progress_bar("calibrating"):
+        report = calibrate_checkpoint(checkpoint, data, batch_size=batch_size, workers=workers, device=device,
+                                      write=not dry_run)  # fmt: skip
+    render.calibration(report, stored=not dry_run)
+    if json_path:
+        write_json(json_path, report.to_dict())
+        render.note(f"wrote {json_path}")
 
 
 MODEL_HELP = "timm name, torchvision:NAME, a config YAML, or a checkpoint (run folder, best/, model.safetensors)."

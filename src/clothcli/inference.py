@@ -31,7 +31,9 @@ class InferenceModel:
     arch: str
     device: torch.device
     directory: Path
-    meta: dict[str, Any]  # the whole checkpoint.json, for what later steps record there
+    meta: dict[str, Any]  # the whole checkpoint.json
+    # logits are divided by this before softmax: fitted by `clothcli calibrate`, 1.0 until then
+    temperature: float = 1.0
 
 
 def load_for_inference(
@@ -40,13 +42,15 @@ def load_for_inference(
     input_size: int | None = None,
     crop_pct: float | None = None,
     fold: bool = True,
+    calibrated: bool = True,
 ) -> InferenceModel:
     """The checkpoint at `checkpoint` (run folder, checkpoint folder or its weights file) on `device`.
 
     `input_size` / `crop_pct` override the recorded preprocessing (timm validate.py's `--img-size` /
     `--crop-pct`). With `fold` the model is made fast to run (channels_last, batch norm folded and
     checked against the unfolded model); without it the module structure stays as trained, which is
-    what counting MACs or tracing receptive fields needs.
+    what counting MACs or tracing receptive fields needs. With `calibrated` the temperature stored by
+    `clothcli calibrate` is used; without it, 1.0 (the raw probabilities).
     """
     device = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, device)
@@ -62,4 +66,5 @@ def load_for_inference(
         device=device,
         directory=Path(meta["directory"]),
         meta=meta,
+        temperature=float(meta.get("temperature") or 1.0) if calibrated else 1.0,
     )

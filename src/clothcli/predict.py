@@ -104,13 +104,14 @@ class Prediction:
 
 
 def classify(
-    model: torch.nn.Module, images: torch.Tensor, top_k: int, use_bf16: bool
+    model: torch.nn.Module, images: torch.Tensor, top_k: int, use_bf16: bool, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k probabilities and class indices for a normalised batch already on the model's device."""
+    """Top-k probabilities (of logits / `temperature`) and class indices for a normalised batch already
+    on the model's device."""
     images = images.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_bf16):
         logits = model(images)
-    return logits.float().softmax(1).topk(top_k, dim=1)
+    return (logits.float() / temperature).softmax(1).topk(top_k, dim=1)
 
 
 class ClassifyInWorker:
@@ -119,12 +120,13 @@ class ClassifyInWorker:
     for batches and running a model whose threads do not scale perfectly (1.29x measured with 2
     workers on 2 cores, see docs/performance.md)."""
 
-    def __init__(self, model: torch.nn.Module, top_k: int, use_bf16: bool):
-        self.model, self.top_k, self.use_bf16 = model, top_k, use_bf16
+    def __init__(self, model: torch.nn.Module, top_k: int, use_bf16: bool, temperature: float = 1.0):
+        self.model, self.top_k, self.use_bf16, self.temperature = model, top_k, use_bf16, temperature
 
     def __call__(self, samples: list) -> tuple:
         images, targets, indices, errors = collate(samples)
-        return (*classify(self.model, images, self.top_k, self.use_bf16), targets, indices, errors)
+        scores = classify(self.model, images, self.top_k, self.use_bf16, self.temperature)
+        return (*scores, targets, indices, errors)
 
 
 def predict_files(
@@ -137,6 +139,7 @@ def predict_files(
     device: str | None = None,
     uint8_transfer: bool | None = None,
     model_in_workers: bool | None = None,
+    calibrated: bool = True,
 ) -> Iterator[Prediction]:
     """Yield one Prediction per file, in the order of `files`.
 
@@ -151,7 +154,7 @@ def predict_files(
         model_in_workers = not on_gpu and workers > 0 and workers >= torch.get_num_threads()
     if model_in_workers and (on_gpu or workers == 0):
         raise UserError("running the model in the loader workers needs a CPU device and at least one worker")
-    loaded = load_for_inference(checkpoint, target)
+    loaded = load_for_inference(checkpoint, target, calibrated=calibrated)
     model, classes, pre = loaded.model, loaded.classes, loaded.preprocess
     top_k = min(top_k, len(classes))
     if uint8_transfer is None:
@@ -161,11 +164,13 @@ def predict_files(
     normalise = BatchAugment(pre.mean, pre.std) if uint8_transfer else None
     if model_in_workers:
         batches: Iterator = iter(
-            make_loader(dataset, batch_size, workers, collate_fn=ClassifyInWorker(model, top_k, use_bf16))
+            make_loader(
+                dataset, batch_size, workers, collate_fn=ClassifyInWorker(model, top_k, use_bf16, loaded.temperature)
+            )
         )
     else:
         loader = make_loader(dataset, batch_size, workers)
-        batches = _classify_in_process(loader, model, target, normalise, top_k, use_bf16)
+        batches = _classify_in_process(loader, model, target, normalise, top_k, use_bf16, loaded.temperature)
     for top_p, top_i, targets, indices, errors in batches:
         for row, (index, error) in enumerate(zip(indices.tolist(), errors)):
             path = files[index]
@@ -186,13 +191,14 @@ def _classify_in_process(
     normalise: BatchAugment | None,
     top_k: int,
     use_bf16: bool,
+    temperature: float,
 ) -> Iterator[tuple]:
     """The loader's batches classified here, on `device` (the GPU path, and a CPU without workers)."""
     for images, targets, indices, errors in loader:
         images = images.to(device, non_blocking=True)
         if normalise is not None:
             images = normalise(images)
-        yield (*classify(model, images, top_k, use_bf16), targets, indices, errors)
+        yield (*classify(model, images, top_k, use_bf16, temperature), targets, indices, errors)
 
 
 class ResultWriter:
@@ -329,6 +335,7 @@ def run_predict(
     device: str | None = None,
     on_result: Callable[[Prediction], None] | None = None,
     resume: bool = False,
+    calibrated: bool = True,
 ) -> PredictSummary:
     """Classify everything `inputs` names; stream to `output`; sort into folders if asked.
 
@@ -353,7 +360,11 @@ def run_predict(
         files = [f for f in files if str(f) not in writer.done]
         summary.already_done = len(found.files) - len(files)
     try:
-        for p in predict_files(checkpoint, files, batch_size, workers, top_k, min_confidence, device) if files else ():
+        for p in (
+            predict_files(checkpoint, files, batch_size, workers, top_k, min_confidence, device, calibrated=calibrated)
+            if files
+            else ()
+        ):
             summary.total += 1
             if p.error:
                 summary.errors.append((str(p.path), p.error))

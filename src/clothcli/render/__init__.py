@@ -1,12 +1,13 @@
 """Rich rendering of results: tables, progress bars, messages. No computation happens here."""
 
 from clothcli.render.console import console, download_bar, err_console, error, note, progress_bar, warn
-from clothcli.render.reports import analysis, evaluation, flops, predictions, receptive_fields
+from clothcli.render.reports import analysis, calibration, evaluation, flops, predictions, receptive_fields
 from clothcli.render.training import TrainProgress, sparkline, train_summary, tuning
 
 __all__ = [
     "TrainProgress",
     "analysis",
+    "calibration",
     "console",
     "download_bar",
     "err_console",

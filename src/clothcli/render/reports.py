@@ -113,6 +113,13 @@ def evaluation(report, normalize: bool = False) -> None:
         f"Accuracy: [bold]{report.accuracy:.2%}[/] [{report.correct}/{report.n}]   error rate {report.error_rate:.2%}",
         highlight=False,
     )
+    if report.calibration:
+        scaled = f" (temperature {report.temperature:.3f})" if report.temperature != 1.0 else " (uncalibrated)"
+        console.print(
+            f"Calibration{scaled}: ECE {report.calibration['ece']:.4f}, NLL {report.calibration['nll']:.4f}, "
+            f"Brier {report.calibration['brier']:.4f}",
+            highlight=False,
+        )
     averages = Table(title="Averages")
     for col in ("average", "precision", "recall", "F1"):
         averages.add_column(col, justify="right" if col != "average" else "left")
@@ -291,3 +298,35 @@ def receptive_fields(report, depth: int, check: dict | None) -> None:
             f"{tuple(check['analytic'][1])}: {'match' if check['match'] else 'MISMATCH'}",
             highlight=False,
         )
+
+
+def calibration(report, stored: bool) -> None:
+    """Render a `calibration.CalibrationReport`: each split's calibration before and after scaling."""
+    table = Table(title=f"Temperature scaling — {report.checkpoint}")
+    for col in (
+        "split",
+        "accuracy",
+        "ECE before",
+        "ECE after",
+        "NLL before",
+        "NLL after",
+        "Brier before",
+        "Brier after",
+    ):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for split, values in report.splits.items():
+        before, after = values["before"], values["after"]
+        table.add_row(
+            split,
+            f"{report.accuracy[split]:.2%}",
+            f"{before.ece:.4f}",
+            f"{after.ece:.4f}",
+            f"{before.nll:.4f}",
+            f"{after.nll:.4f}",
+            f"{before.brier:.4f}",
+            f"{after.brier:.4f}",
+        )
+    console.print(table)
+    fitted = next(iter(report.splits))
+    where = "stored in the checkpoint" if stored else "not stored (--dry-run)"
+    note(f"temperature {report.temperature:.4f}, fitted on {fitted}: {where}")
