@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -85,3 +86,51 @@ def test_cli_calibrate_and_its_bad_inputs(run, tmp_path):
     png = tmp_path / "r.png"
     out = runner.invoke(app, ["evaluate", str(run_dir), str(data), "--workers", "0", "--reliability-png", str(png)])
     assert out.exit_code == 0 and "Calibration" in out.output and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_perfectly_separated_set_has_auroc_1_and_no_false_positives():
+    from clothcli.ood import separation, threshold_for_recall
+
+    inside = torch.tensor([[8.0, 0.0, 0.0]]).repeat(20, 1) + torch.linspace(0, 1, 20)[:, None]
+    outside = torch.zeros(10, 3) + torch.linspace(0, 0.1, 10)[:, None]
+    for result in separation(inside, outside, recall=0.95):
+        assert result.auroc == pytest.approx(1.0) and result.fpr == 0.0 and result.recall >= 0.95 - 1e-6
+    assert threshold_for_recall(torch.arange(100.0), 0.95) == 5.0  # keeps 95 of 100
+
+
+def test_calibrate_with_ood_stores_the_threshold_predict_auto_rejects_with(run, tmp_path):
+    from clothcli.predict import run_predict
+    from conftest import make_image
+
+    run_dir, data = run
+    ood = tmp_path / "ood"
+    for i in range(6):  # grey pictures: none of red, green, blue
+        make_image(ood / f"grey_{i}.jpg", (128, 128, 128), seed=100 + i)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in [*sorted((data / "test").rglob("*.jpg"))[:6], *ood.iterdir()]:
+        shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
+    no_threshold = runner.invoke(app, ["predict", str(run_dir), str(folder), "--min-confidence", "auto"])
+    assert no_threshold.exit_code == 2 and "calibrate RUN --ood" in no_threshold.output.replace("\n", " ")
+    report = calibrate_checkpoint(run_dir, data, workers=0, ood=ood, recall=0.9)
+    threshold = json.loads((run_dir / "best" / "checkpoint.json").read_text())["ood_threshold"]
+    assert threshold == pytest.approx(report.rejection["threshold"]) and report.rejection["kept"]["validation"] >= 0.9
+    sorted_to = tmp_path / "sorted"
+    summary = run_predict(run_dir, [str(folder)], workers=0, min_confidence="auto", copy_to=sorted_to)
+    unknown = summary.per_class.get("unknown", 0)
+    assert unknown > 0 and summary.classified == 12
+    assert len(list((sorted_to / "unknown").iterdir())) == unknown
+    bad = runner.invoke(app, ["predict", str(run_dir), str(folder), "--min-confidence", "auto", "--no-calibration"])
+    assert bad.exit_code == 2 and "drop --no-calibration" in bad.output
+    evaluated = evaluate_checkpoint(run_dir, data, workers=0, ood=ood)
+    assert {r["score"] for r in evaluated.ood} == {"msp", "energy"} and all(0 <= r["auroc"] <= 1 for r in evaluated.ood)
+
+
+def test_the_stored_temperature_survives_a_resume_that_keeps_the_best_weights(run):
+    run_dir, data = run
+    report = calibrate_checkpoint(run_dir, data, workers=0)
+    before = (run_dir / "best" / "model.safetensors").read_bytes()
+    train(None, resume=run_dir)  # the run is complete: nothing is retrained, best/ stays as calibrated
+    assert (run_dir / "best" / "model.safetensors").read_bytes() == before
+    meta = json.loads((run_dir / "best" / "checkpoint.json").read_text())
+    assert meta["temperature"] == pytest.approx(report.temperature)

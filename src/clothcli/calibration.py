@@ -112,6 +112,9 @@ class CalibrationReport:
     # split -> {"before": Calibration, "after": Calibration}, on the raw and on the scaled logits
     splits: dict[str, dict[str, Calibration]]
     accuracy: dict[str, float]
+    # with an out-of-distribution folder: the stored rejection threshold and what it does, per score
+    # the AUROC on the fit split, and the share of each split's images the threshold keeps
+    rejection: dict | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -120,6 +123,7 @@ class CalibrationReport:
             "previous_temperature": self.previous_temperature,
             "splits": {k: {w: c.to_dict() for w, c in v.items()} for k, v in self.splits.items()},
             "accuracy": self.accuracy,
+            "rejection": self.rejection,
         }
 
 
@@ -132,15 +136,22 @@ def calibrate_checkpoint(
     workers: int = 2,
     device: str | None = None,
     write: bool = True,
+    ood: str | Path | None = None,
+    recall: float = 0.95,
 ) -> CalibrationReport:
     """Fit the temperature on `fit_split`, report calibration before and after on it and on
-    `report_splits` that the dataset has, and store the temperature in the checkpoint (`write`)."""
+    `report_splits` that the dataset has, and store the temperature in the checkpoint (`write`).
+
+    With `ood` (a folder of images that belong to none of the classes), also choose on `fit_split` the
+    calibrated top-1 probability that keeps `recall` of its images, store it as the rejection
+    threshold that `predict --min-confidence auto` uses, and report what it keeps and rejects."""
     from clothcli.checkpoint import update_meta
     from clothcli.data.layout import find_split_dir
     from clothcli.data.loading import IGNORE_INDEX
     from clothcli.errors import UserError
-    from clothcli.evaluation import predict_split
+    from clothcli.evaluation import predict_folder, predict_split
     from clothcli.inference import load_for_inference
+    from clothcli.ood import ood_scores, separation
     from clothcli.runtime import make_accelerator, resolve_device
 
     if find_split_dir(Path(data), fit_split) is None:
@@ -154,14 +165,27 @@ def calibrate_checkpoint(
             out = predict_split(loaded, accelerator, data, split, batch_size, workers)
             keep = out.targets != IGNORE_INDEX
             outputs[split] = (out.logits[keep], out.targets[keep])
+    out_logits = predict_folder(loaded, accelerator, ood, batch_size, workers)[0] if ood is not None else None
     accelerator.end_training()
     logits, targets = outputs[fit_split]
     temperature = fit_temperature(logits, targets)
+    rejection = None
+    if out_logits is not None:
+        found = separation(logits, out_logits, temperature, recall)
+        threshold = next(r.threshold for r in found if r.score == "msp")
+        kept = {split: float((ood_scores(z, temperature)["msp"] >= threshold).float().mean()) for split, (z, _) in
+                outputs.items()}  # fmt: skip
+        kept["ood"] = float((ood_scores(out_logits, temperature)["msp"] >= threshold).float().mean())
+        rejection = {"threshold": threshold, "recall": recall, "kept": kept, "ood_images": len(out_logits),
+                     "separation": [r.to_dict() for r in found]}  # fmt: skip
     splits = {
         split: {"before": calibration(z, t), "after": calibration(z, t, temperature)}
         for split, (z, t) in outputs.items()
     }
     accuracy = {split: float((z.argmax(1) == t).float().mean()) for split, (z, t) in outputs.items()}
     if write:
-        update_meta(loaded.directory, temperature=temperature, temperature_fitted_on=fit_split)
-    return CalibrationReport(str(loaded.directory), temperature, previous, splits, accuracy)
+        stored = {"temperature": temperature, "temperature_fitted_on": fit_split}
+        if rejection is not None:
+            stored.update(ood_threshold=rejection["threshold"], ood_recall=recall)
+        update_meta(loaded.directory, **stored)
+    return CalibrationReport(str(loaded.directory), temperature, previous, splits, accuracy, rejection)

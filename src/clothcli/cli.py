@@ -105,6 +105,18 @@ CalibrationOption = Annotated[
         help="Use the temperature fitted by `clothcli calibrate` (no effect before calibrating).",
     ),
 ]
+OodOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--ood",
+        help="A folder of images that are none of the classes: how well they are told apart.",
+        show_default="none",
+    ),
+]
+RecallOption = Annotated[
+    float,
+    typer.Option("--recall", min=0.5, max=1.0, help="Share of the classes' images a rejection threshold must keep."),
+]
 ConfigArgument = Annotated[
     Path | None,
     typer.Argument(
@@ -288,6 +300,8 @@ def evaluate(
         Path | None, typer.Option(help="Write the reliability diagram as a PNG.", show_default="not drawn")
     ] = None,
     calibration: CalibrationOption = True,
+    ood: OodOption = None,
+    ood_recall: RecallOption = 0.95,
 ) -> None:
     """Accuracy, precision/recall/F1 (weighted, micro, macro, per class) and the confusion matrix."""
     import csv
@@ -308,6 +322,8 @@ def evaluate(
             crop_pct=crop_pct,
             calibrated=calibration,
             reliability_png=reliability_png,
+            ood=ood,
+            ood_recall=ood_recall,
         )
     render.evaluation(report, normalize)
     if json_path:
@@ -338,8 +354,11 @@ def predict(
     recursive: Annotated[bool, typer.Option(help="Descend into sub-folders of given folders.")] = True,
     top_k: Annotated[int, typer.Option(min=1, max=100, help="How many classes to show per image.")] = 1,
     min_confidence: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Below this top-1 probability the label is 'unknown'.")
-    ] = 0.0,
+        str,
+        typer.Option(
+            help="Below this top-1 probability the label is 'unknown'; 'auto': the threshold `calibrate --ood` stored."
+        ),
+    ] = "0",
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Stream results to .csv, .json or .jsonl.", show_default="not written"),
@@ -412,9 +431,12 @@ def calibrate(
     workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")] = 2,
     device: DeviceOption = None,
     dry_run: Annotated[bool, typer.Option(help="Fit and report, but do not store the temperature.")] = False,
+    ood: OodOption = None,
+    recall: RecallOption = 0.95,
     json_path: JsonOption = None,
 ) -> None:
-    """Temperature scaling fitted on validation: ECE, NLL and Brier before and after; stores the temperature."""
+    """Temperature scaling fitted on validation: ECE, NLL and Brier before and after; stores the temperature
+    (and, with --ood, the threshold below which predict --min-confidence auto says 'unknown')."""
     from clothcli.calibration import calibrate_checkpoint
     from clothcli.checkpoint import read_meta
 
@@ -423,8 +445,10 @@ def calibrate(
         if not data:
             raise UserError("no dataset given: pass --data PATH")
     with render.progress_bar("calibrating"):
-        report = calibrate_checkpoint(checkpoint, data, batch_size=batch_size, workers=workers, device=device,
-                                      write=not dry_run)  # fmt: skip
+        report = calibrate_checkpoint(
+            checkpoint, data, batch_size=batch_size, workers=workers, device=device, write=not dry_run, ood=ood,
+            recall=recall,
+        )  # fmt: skip
     render.calibration(report, stored=not dry_run)
     if json_path:
         write_json(json_path, report.to_dict())

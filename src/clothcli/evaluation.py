@@ -15,6 +15,7 @@ from clothcli.data.loading import IGNORE_INDEX, ImageFiles, decode_size, eval_tr
 from clothcli.errors import UserError
 from clothcli.inference import InferenceModel, load_for_inference
 from clothcli.metrics import ClassificationReport, classification_report
+from clothcli.ood import separation
 from clothcli.runtime import make_accelerator, predict_batches, resolve_device
 
 
@@ -31,6 +32,8 @@ class EvalReport(ClassificationReport):
     # the temperature the probabilities were divided by (1.0: uncalibrated), and their ece, nll, brier
     temperature: float = 1.0
     calibration: dict[str, float] = field(default_factory=dict)
+    # with an out-of-distribution folder: per score, auroc, threshold, recall and fpr
+    ood: list[dict[str, Any]] = field(default_factory=list)
     # one row per evaluated file: path, true, predicted, confidence
     files: list[dict[str, Any]] = field(default_factory=list)
     unreadable: list[dict[str, str]] = field(default_factory=list)
@@ -86,6 +89,22 @@ def predict_split(
     return SplitOutputs(folder, index, logits, targets, indices, errors, flipped)
 
 
+def predict_folder(
+    loaded: InferenceModel, accelerator: Any, folder: str | Path, batch_size: int = 64, workers: int = 2
+):
+    """Logits for every image under `folder` (any layout; no labels), and how many could not be read."""
+    from clothcli.predict import collect_inputs
+
+    found = collect_inputs([str(folder)])
+    if found.missing or not found.files:
+        raise UserError(f"{folder}: no images found")
+    pre = loaded.preprocess
+    dataset = ImageFiles([(path, 0) for path in found.files], eval_transform(pre), decode_size(pre))
+    loader = accelerator.prepare(make_loader(dataset, batch_size, workers))
+    logits, targets, _, errors = predict_batches(loaded.model, loader, accelerator, channels_last=True)
+    return logits[targets != IGNORE_INDEX], len(errors)
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data: str | Path,
@@ -99,6 +118,8 @@ def evaluate_checkpoint(
     device: str | None = None,
     calibrated: bool = True,
     reliability_png: str | Path | None = None,
+    ood: str | Path | None = None,
+    ood_recall: float = 0.95,
 ) -> EvalReport:
     """The full classification report, calibration, and per-file predictions (for the errors list).
 
@@ -106,7 +127,8 @@ def evaluate_checkpoint(
     `--img-size` / `--crop-pct` do: a network trained with random-resized crops often scores higher
     when tested a little larger than it was trained ("FixRes" effect). Choose them on validation.
     Probabilities use the checkpoint's fitted temperature (`clothcli calibrate`) unless `calibrated`
-    is False.
+    is False. With `ood`, a folder of images that belong to none of the classes, the report says how
+    well the scores of `ood.py` tell the split's images from those.
     """
     accelerator = make_accelerator(mixed_precision, device=resolve_device(device))
     loaded = load_for_inference(
@@ -129,6 +151,10 @@ def evaluate_checkpoint(
     for i, p, c, t, k in rows:
         if k:
             files.append({"path": str(samples[i][0]), "true": classes[t], "predicted": classes[p], "confidence": c})
+    separations = []
+    if ood is not None:
+        out_logits, _ = predict_folder(loaded, accelerator, ood, batch_size, workers)
+        separations = [r.to_dict() for r in separation(out.logits[keep], out_logits, temperature, ood_recall)]
     accelerator.end_training()
     return EvalReport(
         **asdict(metrics),
@@ -140,6 +166,7 @@ def evaluate_checkpoint(
         preprocess=pre.to_dict(),
         temperature=temperature,
         calibration=calibration(log_probs, out.targets[keep]).to_dict() if keep.any() else {},
+        ood=separations,
         files=files,
         unreadable=[{"path": str(samples[i][0]), "reason": r} for i, r in sorted(dict(out.errors).items())],
         skipped=[{"path": str(s.path), "reason": s.reason} for s in out.index.skipped],

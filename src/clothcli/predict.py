@@ -26,7 +26,7 @@ from clothcli.data.batch_augment import BatchAugment
 from clothcli.data.layout import is_hidden, is_image_name
 from clothcli.data.loading import ImageFiles, collate, decode_size, eval_transform, make_loader
 from clothcli.errors import UserError
-from clothcli.inference import load_for_inference
+from clothcli.inference import InferenceModel, load_for_inference
 from clothcli.io_utils import fault_point
 from clothcli.runtime import cpu_supports_bf16, resolve_device
 
@@ -135,7 +135,7 @@ def predict_files(
     batch_size: int = 64,
     workers: int = 2,
     top_k: int = 1,
-    min_confidence: float = 0.0,
+    min_confidence: float | str = 0.0,
     device: str | None = None,
     uint8_transfer: bool | None = None,
     model_in_workers: bool | None = None,
@@ -155,6 +155,7 @@ def predict_files(
     if model_in_workers and (on_gpu or workers == 0):
         raise UserError("running the model in the loader workers needs a CPU device and at least one worker")
     loaded = load_for_inference(checkpoint, target, calibrated=calibrated)
+    min_confidence = resolve_min_confidence(min_confidence, loaded)
     model, classes, pre = loaded.model, loaded.classes, loaded.preprocess
     top_k = min(top_k, len(classes))
     if uint8_transfer is None:
@@ -182,6 +183,36 @@ def predict_files(
             if values[0] < min_confidence:
                 labels[0] = UNKNOWN
             yield Prediction(path, labels, values)
+
+
+def parse_min_confidence(value: float | str) -> float | str:
+    """A probability in [0, 1], or "auto"; anything else is a UserError (checked before any work)."""
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise UserError(f"--min-confidence must be a probability between 0 and 1 or 'auto', got '{value}'") from None
+    if not 0.0 <= number <= 1.0:
+        raise UserError(f"--min-confidence must be between 0 and 1, got {value}")
+    return number
+
+
+def resolve_min_confidence(value: float | str, loaded: InferenceModel) -> float:
+    """The probability below which a label is 'unknown': `value`, or for "auto" the rejection threshold
+    that `clothcli calibrate --ood` stored (chosen on calibrated probabilities)."""
+    value = parse_min_confidence(value)
+    if value != "auto":
+        return float(value)
+    threshold = loaded.meta.get("ood_threshold")
+    if threshold is None:
+        raise UserError(
+            f"{loaded.directory}: no stored rejection threshold for --min-confidence auto; "
+            "run clothcli calibrate RUN --ood FOLDER first"
+        )
+    if loaded.temperature != loaded.meta.get("temperature", 1.0):
+        raise UserError("--min-confidence auto was chosen on calibrated probabilities: drop --no-calibration")
+    return float(threshold)
 
 
 def _classify_in_process(
@@ -328,7 +359,7 @@ def run_predict(
     batch_size: int = 64,
     workers: int = 2,
     top_k: int = 1,
-    min_confidence: float = 0.0,
+    min_confidence: float | str = 0.0,
     output: Path | None = None,
     copy_to: Path | None = None,
     move_to: Path | None = None,
@@ -343,10 +374,9 @@ def run_predict(
     rest appended, so the file ends as an uninterrupted run writes it."""
     if resume and output is None:
         raise UserError("--resume continues an output file: give it with -o")
+    min_confidence = parse_min_confidence(min_confidence)
     if copy_to and move_to:
         raise UserError("use either --copy-to or --move-to, not both")
-    if not 0.0 <= min_confidence <= 1.0:
-        raise UserError(f"--min-confidence must be between 0 and 1, got {min_confidence}")
     found = collect_inputs(inputs, recursive)
     if found.missing:
         raise UserError(f"not found: {', '.join(found.missing)}")

@@ -120,6 +120,16 @@ def evaluation(report, normalize: bool = False) -> None:
             f"Brier {report.calibration['brier']:.4f}",
             highlight=False,
         )
+    if report.ood:
+        ood = Table(title="Out-of-distribution images told apart (higher score: more like the classes)")
+        for col in ("score", "AUROC", "threshold", "split images kept", "other images accepted (FPR)"):
+            ood.add_column(col, justify="left" if col == "score" else "right")
+        for row in report.ood:
+            name = {"msp": "max softmax probability", "energy": "energy"}[row["score"]]
+            ood.add_row(
+                name, f"{row['auroc']:.4f}", f"{row['threshold']:.4f}", f"{row['recall']:.1%}", f"{row['fpr']:.1%}"
+            )
+        console.print(ood)
     averages = Table(title="Averages")
     for col in ("average", "precision", "recall", "F1"):
         averages.add_column(col, justify="right" if col != "average" else "left")
@@ -330,3 +340,13 @@ def calibration(report, stored: bool) -> None:
     fitted = next(iter(report.splits))
     where = "stored in the checkpoint" if stored else "not stored (--dry-run)"
     note(f"temperature {report.temperature:.4f}, fitted on {fitted}: {where}")
+    rejection = report.rejection
+    if rejection:
+        kept = ", ".join(f"{name} {share:.1%}" for name, share in rejection["kept"].items() if name != "ood")
+        aurocs = ", ".join(f"{r['score']} {r['auroc']:.4f}" for r in rejection["separation"])
+        note(
+            f"rejection threshold {rejection['threshold']:.4f} (calibrated top-1 probability, keeps "
+            f"{rejection['recall']:.0%} of {fitted}): keeps {kept}; accepts {rejection['kept']['ood']:.1%} of the "
+            f"{rejection['ood_images']} out-of-distribution images. AUROC on {fitted}: {aurocs}. "
+            + ("predict --min-confidence auto uses it." if stored else "")
+        )
