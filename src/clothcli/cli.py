@@ -139,12 +139,46 @@ def analyze_data(
     download: Annotated[
         bool, typer.Option(help="Download clothing-dataset-small into DATA_DIR first if it does not exist.")
     ] = False,
+    label_issues: Annotated[
+        bool, typer.Option(help="Find images whose label is probably wrong (cleanlab; needs clothcli[data]).")
+    ] = False,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="--label-issues backbone: a clothcli run or checkpoint.", show_default="none")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="--label-issues backbone: a timm name, with --weights.", show_default="none")
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="Pretrained weights file for --model.", show_default="none")
+    ] = None,
+    folds: Annotated[int, typer.Option(min=2, max=20, help="Cross-validation folds for --label-issues.")] = 5,
+    issues: Annotated[
+        Path | None, typer.Option(help="Write the suspected label errors as .csv or .json.", show_default="not written")
+    ] = None,
+    contact_sheet: Annotated[
+        Path | None, typer.Option(help="Write a PNG of the top suspects with both labels.", show_default="not drawn")
+    ] = None,
+    top: Annotated[int, typer.Option(min=1, max=500, help="Suspects shown in the table and the contact sheet.")] = 20,
+    fix_split: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a copy of the dataset here with every duplicate group in one split.", show_default="none"
+        ),
+    ] = None,
+    keep_conflicts: Annotated[
+        bool, typer.Option(help="With --fix-split, keep duplicates whose labels disagree (left out otherwise).")
+    ] = False,
 ) -> None:
-    """Counts, balance, image sizes, unreadable files and duplicates/leakage across splits."""
+    """Counts, balance, image sizes, unreadable files and duplicates/leakage across splits; optionally
+    suspected label errors and a copy of the dataset with leaks fixed."""
     from clothcli.data.analysis import analyze_dataset, plot_class_distribution
 
     if download and not data_dir.exists():
         _download_into(data_dir)
+    if label_issues:
+        from clothcli.data.label_issues import require_data_extra
+
+        require_data_extra()  # before any image is read
     with render.progress_bar("reading images") as update:
         analysis = analyze_dataset(data_dir, deep=deep, workers=workers, progress=update)
     render.analysis(analysis)
@@ -154,6 +188,43 @@ def analyze_data(
     if plot:
         plot_class_distribution(analysis, plot)
         render.note(f"wrote {plot}")
+    if label_issues:
+        _label_issues(data_dir, checkpoint, model, weights, folds, issues, contact_sheet, top)
+    if fix_split:
+        from clothcli.data.fix_split import fix_split as write_fixed
+
+        with render.progress_bar("writing the fixed dataset"):
+            fixed = write_fixed(data_dir, fix_split, keep_conflicts, workers, analysis=analysis)
+        render.split_fix(fixed)
+
+
+def _label_issues(data_dir, checkpoint, model, weights, folds, issues, contact_sheet, top) -> None:
+    from clothcli.data.label_issues import contact_sheet as draw_sheet
+    from clothcli.data.label_issues import find_label_issues
+
+    if issues is not None and issues.suffix.lower() not in (".csv", ".json"):
+        raise UserError(f"--issues must end in .csv or .json, got '{issues.name}'")
+    with render.progress_bar("embedding and cross-validating"):
+        found = find_label_issues(data_dir, checkpoint, model, weights, folds)
+    render.label_issues(found, top)
+    if issues is not None:
+        if issues.suffix.lower() == ".json":
+            write_json(issues, found.to_dict())
+        else:
+            import csv
+            import io
+
+            from clothcli.io_utils import atomic_write_text
+
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=["path", "split", "given", "suggested", "quality"])
+            writer.writeheader()
+            writer.writerows(found.issues)
+            atomic_write_text(issues, buffer.getvalue())
+        render.note(f"wrote {issues}")
+    if contact_sheet is not None:
+        draw_sheet(found, contact_sheet, top)
+        render.note(f"wrote {contact_sheet}")
 
 
 def _download_into(path: Path) -> None:

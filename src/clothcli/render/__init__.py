@@ -1,7 +1,16 @@
 """Rich rendering of results: tables, progress bars, messages. No computation happens here."""
 
 from clothcli.render.console import console, download_bar, err_console, error, note, progress_bar, warn
-from clothcli.render.reports import analysis, calibration, evaluation, flops, predictions, receptive_fields
+from clothcli.render.reports import (
+    analysis,
+    calibration,
+    evaluation,
+    flops,
+    label_issues,
+    predictions,
+    receptive_fields,
+    split_fix,
+)
 from clothcli.render.training import TrainProgress, sparkline, train_summary, tuning
 
 __all__ = [
@@ -14,11 +23,13 @@ __all__ = [
     "error",
     "evaluation",
     "flops",
+    "label_issues",
     "note",
     "predictions",
     "progress_bar",
     "receptive_fields",
     "sparkline",
+    "split_fix",
     "train_summary",
     "tuning",
     "warn",

@@ -350,3 +350,40 @@ def calibration(report, stored: bool) -> None:
             f"{rejection['ood_images']} out-of-distribution images. AUROC on {fitted}: {aurocs}. "
             + ("predict --min-confidence auto uses it." if stored else "")
         )
+
+
+def label_issues(found, top: int) -> None:
+    """Render `label_issues.LabelIssues`: the most suspicious images first."""
+    table = Table(title=f"Suspected label errors ({len(found.issues)} of {found.images} images; first {top})")
+    for col in ("path", "split", "given", "suggested", "quality"):
+        table.add_column(col, justify="right" if col == "quality" else "left", overflow="fold")
+    for issue in found.issues[:top]:
+        path = _relative(issue["path"], found.root)
+        table.add_row(path, issue["split"], issue["given"], issue["suggested"], f"{issue['quality']:.3g}")
+    console.print(table)
+    seconds = found.seconds
+    note(
+        f"backbone {found.backbone}; {found.folds}-fold out-of-sample accuracy {found.out_of_sample_accuracy:.1%}; "
+        f"embedding {seconds['embedding']:.1f}s, cross-validation {seconds['cross_validation']:.1f}s, "
+        f"cleanlab {seconds['cleanlab']:.1f}s"
+    )
+    if found.unreadable:
+        warn(f"{len(found.unreadable)} unreadable image(s) were left out")
+
+
+def split_fix(fixed) -> None:
+    """Render `fix_split.SplitFix`: what moved, what was left out, where the new dataset is."""
+    if fixed.moved:
+        table = Table(title=f"Moved to keep each duplicate group in one split ({len(fixed.moved)})")
+        table.add_column("from", overflow="fold")
+        table.add_column("to", overflow="fold")
+        table.add_column("kind")
+        for move in fixed.moved:
+            table.add_row(move["source"], move["destination"], move["kind"])
+        console.print(table)
+    if fixed.left_out:
+        warn(f"{len(fixed.left_out)} file(s) left out: duplicates whose labels disagree (--keep-conflicts keeps them)")
+        for item in fixed.left_out:
+            err_console.print(f"  {item['source']} ({item['labels']})", highlight=False)
+    linked = "hard links" if fixed.hard_links == fixed.files else f"{fixed.hard_links} hard links, the rest copies"
+    note(f"wrote {fixed.files} files to {fixed.out} ({linked}); manifest: {fixed.manifest}")
