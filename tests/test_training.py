@@ -455,3 +455,27 @@ def test_cli_ctrl_c_then_resume(tiny_dataset, tmp_path, monkeypatch):
     result = runner.invoke(app, ["train", "--resume", str(run)])
     assert result.exit_code == 0, result.output
     assert len(rows(run)) == 2
+
+
+class LearningRates(SilentReporter):
+    """Records the learning rate the loop reports during each epoch."""
+
+    def __init__(self):
+        self.by_epoch: list[list[float]] = []
+
+    def epoch_start(self, epoch, epochs, steps):
+        self.by_epoch.append([])
+
+    def step(self, step, loss, acc, lr, images_per_s):
+        self.by_epoch[-1].append(lr)
+
+
+def test_warm_up_climbs_within_the_first_epoch(tiny_dataset, tmp_path):
+    """A one-epoch warm-up rises step by step, so the first epoch is not spent at warmup_lr."""
+    lrs = LearningRates()
+    warmup = ["schedule.warmup_epochs=1", "schedule.warmup_lr=0.0001", "train.batch_size=2"]
+    train(tiny_config(tiny_dataset, tmp_path / "runs", *warmup, epochs=2), reporter=lrs)
+    first, second = lrs.by_epoch
+    # reported at steps 5 and 10 of 12; the last value is already the cosine's, after the warm-up
+    assert len(first) == 3 and 0.0001 < first[0] < first[1] <= 0.05
+    assert second == sorted(second, reverse=True) and second[-1] < second[0] <= 0.05

@@ -94,12 +94,14 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate schedule, built with timm's create_scheduler_v2 (per epoch)."""
+    """Learning-rate schedule, built with timm's create_scheduler_v2 and updated every optimizer step.
+
+    Lengths (warmup_epochs, decay_epochs) are in epochs, fractions of an epoch included."""
 
     name: Literal["step", "cosine", "none"] = "step"
     decay_epochs: float = field(default=7, metadata=_range(0.0, None, lo_open=True))
     decay_rate: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True))
-    warmup_epochs: int = field(default=0, metadata=_range(0, None))
+    warmup_epochs: float = field(default=0, metadata=_range(0.0, None))
     warmup_lr: float = field(default=1e-5, metadata=_range(0.0, None))
     min_lr: float = field(default=0.0, metadata=_range(0.0, None))
 

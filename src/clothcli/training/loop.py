@@ -10,6 +10,7 @@ or not the run was stopped before it, with any number of (persistent) workers. `
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
@@ -142,6 +144,9 @@ class _Loop:
         self.compile_seconds: float | None = None
         self.num_classes = len(setup.data.index.classes)
         self.meta_base = checkpoint_meta(cfg, setup.data.index.classes, setup.pre)
+        # Per optimizer step, as timm's --sched-on-updates: a one-epoch warm-up then climbs within that
+        # epoch instead of spending it all at warmup_lr. accelerate syncs on a loader's last batch too.
+        self.updates_per_epoch = math.ceil(len(setup.train_loader) / cfg.train.grad_accum)
         self.scheduler, _ = create_scheduler_v2(
             setup.optimizer,
             sched=cfg.schedule.name if cfg.schedule.name != "none" else "constant",
@@ -151,6 +156,8 @@ class _Loop:
             warmup_epochs=cfg.schedule.warmup_epochs,
             warmup_lr=cfg.schedule.warmup_lr,
             min_lr=cfg.schedule.min_lr,
+            step_on_epochs=False,
+            updates_per_epoch=self.updates_per_epoch,
         )
         unwrapped = plain_model(setup.accelerator, setup.model)
         self.ema = ModelEmaV3(unwrapped, decay=cfg.train.ema.decay) if cfg.train.ema.enabled else None
@@ -187,7 +194,8 @@ class _Loop:
             # A constant SWA learning rate (what SWALR settles to), set per epoch: stateless, so resume is exact.
             for group in s.optimizer.param_groups:
                 group["lr"] = cfg.train.swa.lr
-        row, first_step = _train_one_epoch(epoch, cfg, s, self.ema, self.reporter, self.unreadable)
+        schedule = None if in_swa and cfg.train.swa.lr else (self.scheduler, epoch * self.updates_per_epoch)
+        row, first_step = _train_one_epoch(epoch, cfg, s, self.ema, schedule, self.reporter, self.unreadable)
         if cfg.train.compile and self.compile_seconds is None and first_step is not None:
             self.compile_seconds = first_step
             self.reporter.message(
@@ -196,8 +204,6 @@ class _Loop:
             )
         if in_swa:
             self.swa_model.update_parameters(plain_model(s.accelerator, s.model))
-        if not (in_swa and cfg.train.swa.lr):
-            self.scheduler.step(epoch + 1)
         val_start = time.perf_counter()
         row.update(self._validate(self.eval_model))
         row["val_seconds"] = round(time.perf_counter() - val_start, 2)
@@ -253,10 +259,14 @@ def _train_one_epoch(
     cfg: Config,
     setup: Setup,
     ema: ModelEmaV3 | None,
+    schedule: tuple[Scheduler, int] | None,
     reporter: Reporter,
     unreadable: dict[int, str],
 ) -> tuple[dict[str, Any], float | None]:
-    """One epoch's metrics row, and how long its first step took (the compile time, when compiling)."""
+    """One epoch's metrics row, and how long its first step took (the compile time, when compiling).
+
+    `schedule` is the scheduler and the number of optimizer updates before this epoch; None keeps
+    the learning rate as it is (SWA's constant rate)."""
     model, optimizer, loader, accelerator = setup.model, setup.optimizer, setup.train_loader, setup.accelerator
     model.train()
     reporter.epoch_start(epoch, cfg.train.epochs, len(loader))
@@ -278,8 +288,13 @@ def _train_one_epoch(
         )
         if first_step_seconds is None:
             first_step_seconds = time.perf_counter() - step_start
-        if ema is not None and accelerator.sync_gradients:
-            ema.update(plain_model(accelerator, model))
+        if accelerator.sync_gradients:
+            if ema is not None:
+                ema.update(plain_model(accelerator, model))
+            if schedule is not None:
+                scheduler, done = schedule
+                schedule = (scheduler, done + 1)
+                scheduler.step_update(done + 1)
         valid = targets != IGNORE_INDEX
         n = valid.sum()
         loss_sum += loss.detach() * n
