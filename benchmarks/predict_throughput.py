@@ -5,13 +5,20 @@ The plain loop is what a tutorial writes: open each image with PIL, apply timm's
 settings; top-1 agreement between them is reported (clothcli resizes uint8 tensors with torch,
 which differs from PIL by one level at most).
 
-    python benchmarks/predict_throughput.py runs/mobilenet-cpu ../shared/datasets/clothing-dataset-small
+The same checkpoint exported to ONNX (and, with --calibration, to int8) runs through the same
+command on ONNX Runtime, without PyTorch; its top-1 agreement with the PyTorch path is reported, and
+both paths are also timed on one image (start-up included), which is what a script calling
+`clothcli predict` once per photo waits for.
+
+    python benchmarks/predict_throughput.py runs/mobilenet-cpu ../shared/datasets/clothing-dataset-small \
+        --calibration ../shared/datasets/clothing-dataset-small
     python benchmarks/predict_throughput.py --tiny     # generated images, tiny model (CI)
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -57,6 +64,11 @@ def clothcli_batched(
     return labels, time.perf_counter() - start
 
 
+def read_labels(path: Path) -> dict[str, str]:
+    with open(path, newline="") as fh:
+        return {row["path"]: row["label"] for row in csv.DictReader(fh) if not row["error"]}
+
+
 def whole_command(checkpoint: Path, inputs: list[str], out: Path) -> float:
     """The CLI end to end, start-up included (a fresh process)."""
     start = time.perf_counter()
@@ -66,6 +78,19 @@ def whole_command(checkpoint: Path, inputs: list[str], out: Path) -> float:
         capture_output=True,
     )
     return time.perf_counter() - start
+
+
+def onnx_models(checkpoint: Path, folder: Path, calibration: Path | None) -> dict[str, Path]:
+    """The checkpoint exported to fp32 ONNX (and int8 with calibration data); empty without the extra."""
+    try:
+        from clothcli.export import export_onnx, int8_path_for
+    except ImportError:
+        return {}
+    report = export_onnx(checkpoint, folder / "model.onnx", int8=calibration is not None, calibration_data=calibration)
+    models = {"fp32": Path(report.path)}
+    if report.int8 is not None:
+        models["int8"] = int8_path_for(Path(report.path))
+    return models
 
 
 def make_tiny(root: Path) -> tuple[Path, Path]:
@@ -105,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/predict_throughput.json"))
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--calibration", type=Path, help="dataset folder: also export and time int8")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             args.checkpoint, data = make_tiny(Path(tmp))
             args.inputs, args.workers, args.batch = [str(data)], 0, 8
+            args.calibration = data
         if args.checkpoint is None or not args.inputs:
             parser.error("give CHECKPOINT and INPUTS, or --tiny")
         files = collect_inputs(args.inputs).files
@@ -118,6 +145,22 @@ def main(argv: list[str] | None = None) -> int:
         in_process_s = clothcli_batched(args.checkpoint, files, args.batch, args.workers, model_in_workers=False)[1]
         batched, batched_s = clothcli_batched(args.checkpoint, files, args.batch, args.workers)
         command_s = whole_command(args.checkpoint, args.inputs, Path(tmp) / "out.csv")
+        one = [str(files[0])]
+        one_image = {"pytorch": whole_command(args.checkpoint, one, Path(tmp) / "one.csv")}
+        exported = onnx_models(args.checkpoint, Path(tmp), args.calibration)
+        onnx_rows, onnx_agree = [], {}
+        for kind, model in exported.items():
+            seconds = whole_command(model, args.inputs, Path(tmp) / f"{kind}.csv")
+            onnx_rows.append(
+                {
+                    "pipeline": f"clothcli predict command, ONNX Runtime {kind} (start-up included)",
+                    "seconds": seconds,
+                    "images_per_s": len(files) / seconds,
+                }
+            )
+            labels = read_labels(Path(tmp) / f"{kind}.csv")
+            onnx_agree[kind] = sum(labels.get(k) == v for k, v in batched.items()) / max(1, len(batched))
+            one_image[f"onnx {kind}"] = whole_command(model, one, Path(tmp) / "one.csv")
     agree = sum(plain.get(k) == v for k, v in batched.items()) / max(1, len(batched))
     rows = [
         {"pipeline": "plain loop (PIL, one image at a time)", "seconds": plain_s, "images_per_s": len(files) / plain_s},
@@ -132,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": command_s,
             "images_per_s": len(files) / command_s,
         },
+        *onnx_rows,
     ]
     table = Table(title=f"Prediction throughput — {len(files)} images, batch {args.batch}, {args.workers} workers")
     for col in ("pipeline", "seconds", "images/s", "ratio"):
@@ -145,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     Console(width=120).print(table)
     print(f"top-1 agreement between clothcli and the plain loop: {agree:.2%}")
+    for kind, share in onnx_agree.items():
+        print(f"top-1 agreement between ONNX Runtime {kind} and the PyTorch path: {share:.2%}")
+    print("one image, whole command: " + ", ".join(f"{k} {v:.2f}s" for k, v in one_image.items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
@@ -152,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                 "images": len(files),
                 "results": rows,
                 "top1_agreement": agree,
+                "onnx_top1_agreement": onnx_agree,
+                "one_image_seconds": one_image,
                 "batch": args.batch,
                 "workers": args.workers,
             },

@@ -337,7 +337,8 @@ def train(
 @handle_errors
 def evaluate(
     checkpoint: Annotated[
-        Path, typer.Argument(help="Run folder (uses best/), checkpoint folder or model.safetensors.")
+        Path,
+        typer.Argument(help="Run folder (uses best/), checkpoint folder, model.safetensors, or exported .onnx file."),
     ],
     data: Annotated[
         Path, typer.Argument(help="Dataset folder (uses its SPLIT) or any folder laid out <class>/<image>.")
@@ -378,24 +379,34 @@ def evaluate(
     import csv
     import io
 
-    from clothcli.evaluation import errors_rows, evaluate_checkpoint, markdown_report, plot_confusion
+    from clothcli.evaluation_report import errors_rows, markdown_report, plot_confusion
     from clothcli.io_utils import atomic_write_text
+    from clothcli.predict import is_onnx
 
     with render.progress_bar("evaluating"):
-        report = evaluate_checkpoint(
-            checkpoint,
-            data,
-            split,
-            batch_size,
-            workers,
-            tta,
-            input_size=input_size,
-            crop_pct=crop_pct,
-            calibrated=calibration,
-            reliability_png=reliability_png,
-            ood=ood,
-            ood_recall=ood_recall,
-        )
+        if is_onnx(checkpoint):
+            from clothcli.onnx_evaluation import evaluate_onnx
+
+            if input_size or crop_pct or reliability_png:
+                raise UserError("--input-size, --crop-pct and --reliability-png need the checkpoint, not an .onnx file")
+            report = evaluate_onnx(checkpoint, data, split, batch_size, workers, tta, calibration, ood, ood_recall)
+        else:
+            from clothcli.evaluation import evaluate_checkpoint
+
+            report = evaluate_checkpoint(
+                checkpoint,
+                data,
+                split,
+                batch_size,
+                workers,
+                tta,
+                input_size=input_size,
+                crop_pct=crop_pct,
+                calibrated=calibration,
+                reliability_png=reliability_png,
+                ood=ood,
+                ood_recall=ood_recall,
+            )
     render.evaluation(report, normalize)
     if json_path:
         write_json(json_path, report.to_dict())
@@ -420,7 +431,9 @@ def evaluate(
 @app.command()
 @handle_errors
 def predict(
-    checkpoint: Annotated[Path, typer.Argument(help="Run folder (uses best/), checkpoint folder or weights file.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Run folder (uses best/), checkpoint folder, weights file, or exported .onnx file.")
+    ],
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders and glob patterns, mixed.")],
     recursive: Annotated[bool, typer.Option(help="Descend into sub-folders of given folders.")] = True,
     top_k: Annotated[int, typer.Option(min=1, max=100, help="How many classes to show per image.")] = 1,
@@ -490,9 +503,62 @@ def predict(
 
 @app.command()
 @handle_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Run folder (uses best/), checkpoint folder or weights file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .onnx file to write.")],
+    opset: Annotated[int, typer.Option(min=18, max=23, help="ONNX opset version.")] = 18,
+    verify: Annotated[
+        Path | None,
+        typer.Option(
+            help="Dataset folder whose validation split verifies the export (up to 512 images).",
+            show_default="generated images",
+        ),
+    ] = None,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Largest logit difference ONNX Runtime may show against PyTorch, per unit of the largest logit.",
+        ),
+    ] = 1e-3,
+    int8: Annotated[
+        bool, typer.Option(help="Also write NAME.int8.onnx: static int8 quantization (QDQ), needs --calibration.")
+    ] = False,
+    calibration_data: Annotated[
+        Path | None,
+        typer.Option("--calibration", help="Dataset folder whose train split calibrates --int8.", show_default="none"),
+    ] = None,
+    calibration_images: Annotated[int, typer.Option(min=1, help="Training images --int8 is calibrated on.")] = 256,
+    json_path: JsonOption = None,
+) -> None:
+    """Export to ONNX (batch norm folded, dynamic batch, classes inside), verified against PyTorch."""
+    from clothcli.export import export_onnx
+
+    with render.progress_bar("exporting"):
+        report = export_onnx(
+            checkpoint,
+            output,
+            opset,
+            verify_data=verify,
+            tolerance=tolerance,
+            int8=int8,
+            calibration_data=calibration_data,
+            calibration_images=calibration_images,
+        )
+    render.export_report(report)
+    if json_path:
+        write_json(json_path, report.to_dict())
+        render.note(f"wrote {json_path}")
+    if not report.verification.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
 def calibrate(
     checkpoint: Annotated[
-        Path, typer.Argument(help="Run folder (uses best/), checkpoint folder or model.safetensors.")
+        Path,
+        typer.Argument(help="Run folder (uses best/), checkpoint folder or model.safetensors."),
     ],
     data: Annotated[
         Path | None,

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
-
 import torch
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
@@ -14,23 +11,7 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-
-@dataclass
-class ClassificationReport:
-    """Accuracy with counts, P/R/F1 (weighted, micro, macro, per class) and the confusion matrix."""
-
-    n: int
-    correct: int
-    accuracy: float
-    error_rate: float
-    classes: list[str]
-    averages: dict[str, dict[str, float]] = field(default_factory=dict)
-    per_class: list[dict[str, Any]] = field(default_factory=list)
-    confusion_matrix: list[list[int]] = field(default_factory=list)
-    balanced_accuracy: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from clothcli.evaluation_report import ClassificationReport
 
 
 def classification_report(preds: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> ClassificationReport:

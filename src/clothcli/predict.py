@@ -1,9 +1,8 @@
 """`predict`: classify the images of files, folders and glob patterns, streaming the results.
 
-Decoding runs in DataLoader workers (JPEGs much larger than the input are decoded at reduced
-size), the model runs batched under inference_mode in channels_last with its batch norms folded
-into the convolutions, with bf16 autocast on CPUs that do bf16 natively. A file that cannot be
-read is a result with an error, never an abort.
+This module collects the inputs, writes the results and sorts the files; the model runs in
+`predict_torch` (a clothcli checkpoint) or `onnx_inference` (an exported .onnx file, without
+importing PyTorch). A file that cannot be read is a result with an error, never an abort.
 """
 
 from __future__ import annotations
@@ -15,20 +14,14 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
-
-from clothcli.data.batch_augment import BatchAugment
 from clothcli.data.layout import is_hidden, is_image_name
-from clothcli.data.loading import ImageFiles, collate, decode_size, eval_transform, make_loader
 from clothcli.errors import UserError
-from clothcli.inference import InferenceModel, load_for_inference
 from clothcli.io_utils import fault_point
-from clothcli.runtime import cpu_supports_bf16, resolve_device
 
 UNKNOWN = "unknown"
 
@@ -103,30 +96,9 @@ class Prediction:
         return self.probs[0] if self.probs else 0.0
 
 
-def classify(
-    model: torch.nn.Module, images: torch.Tensor, top_k: int, use_bf16: bool, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k probabilities (of logits / `temperature`) and class indices for a normalised batch already
-    on the model's device."""
-    images = images.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        logits = model(images)
-    return (logits.float() / temperature).softmax(1).topk(top_k, dim=1)
-
-
-class ClassifyInWorker:
-    """A collate_fn that also runs the model, so each CPU loader worker decodes and classifies its own
-    batches. One-thread processes keep a CPU busier than one process that alternates between waiting
-    for batches and running a model whose threads do not scale perfectly (1.29x measured with 2
-    workers on 2 cores, see docs/performance.md)."""
-
-    def __init__(self, model: torch.nn.Module, top_k: int, use_bf16: bool, temperature: float = 1.0):
-        self.model, self.top_k, self.use_bf16, self.temperature = model, top_k, use_bf16, temperature
-
-    def __call__(self, samples: list) -> tuple:
-        images, targets, indices, errors = collate(samples)
-        scores = classify(self.model, images, self.top_k, self.use_bf16, self.temperature)
-        return (*scores, targets, indices, errors)
+def is_onnx(model: str | Path) -> bool:
+    """An exported .onnx file (run on ONNX Runtime, without PyTorch) rather than a clothcli checkpoint."""
+    return Path(model).suffix.lower() == ".onnx"
 
 
 def predict_files(
@@ -137,52 +109,22 @@ def predict_files(
     top_k: int = 1,
     min_confidence: float | str = 0.0,
     device: str | None = None,
-    uint8_transfer: bool | None = None,
-    model_in_workers: bool | None = None,
     calibrated: bool = True,
+    **engine_options: Any,
 ) -> Iterator[Prediction]:
-    """Yield one Prediction per file, in the order of `files`.
+    """One Prediction per file, in the order of `files`: a .onnx file runs on ONNX Runtime (PyTorch is
+    not imported), anything else on PyTorch (`predict_torch`, whose `engine_options` tune it)."""
+    if is_onnx(checkpoint):
+        from clothcli.onnx_inference import predict_files_onnx
 
-    `uint8_transfer` (default: on for CUDA) ships uint8 batches and normalises them on the device.
-    `model_in_workers` runs the model inside the loader workers, one thread each. The default turns
-    it on for a CPU with at least as many workers as torch has threads: workers are forked, and GNU
-    OpenMP hangs in a forked child that asks for more than one thread once the parent has used its
-    pool, so each worker keeps DataLoader's one thread, and fewer workers would leave cores idle."""
-    target = resolve_device(device)
-    on_gpu = target.type == "cuda"
-    if model_in_workers is None:
-        model_in_workers = not on_gpu and workers > 0 and workers >= torch.get_num_threads()
-    if model_in_workers and (on_gpu or workers == 0):
-        raise UserError("running the model in the loader workers needs a CPU device and at least one worker")
-    loaded = load_for_inference(checkpoint, target, calibrated=calibrated)
-    min_confidence = resolve_min_confidence(min_confidence, loaded)
-    model, classes, pre = loaded.model, loaded.classes, loaded.preprocess
-    top_k = min(top_k, len(classes))
-    if uint8_transfer is None:
-        uint8_transfer = on_gpu  # a quarter of the bytes over PCIe; on a CPU nothing to gain
-    use_bf16 = on_gpu or cpu_supports_bf16()
-    dataset = ImageFiles([(p, 0) for p in files], eval_transform(pre, uint8_out=uint8_transfer), decode_size(pre))
-    normalise = BatchAugment(pre.mean, pre.std) if uint8_transfer else None
-    if model_in_workers:
-        batches: Iterator = iter(
-            make_loader(
-                dataset, batch_size, workers, collate_fn=ClassifyInWorker(model, top_k, use_bf16, loaded.temperature)
-            )
-        )
-    else:
-        loader = make_loader(dataset, batch_size, workers)
-        batches = _classify_in_process(loader, model, target, normalise, top_k, use_bf16, loaded.temperature)
-    for top_p, top_i, targets, indices, errors in batches:
-        for row, (index, error) in enumerate(zip(indices.tolist(), errors)):
-            path = files[index]
-            if error or targets[row] < 0:
-                yield Prediction(path, [], [], error or "unreadable")
-                continue
-            labels = [classes[i] for i in top_i[row].tolist()]
-            values = top_p[row].tolist()
-            if values[0] < min_confidence:
-                labels[0] = UNKNOWN
-            yield Prediction(path, labels, values)
+        if device not in (None, "cpu") or engine_options:
+            raise UserError("an .onnx model runs on the CPU with ONNX Runtime: drop --device")
+        return predict_files_onnx(checkpoint, files, batch_size, workers, top_k, min_confidence, calibrated)
+    from clothcli.predict_torch import predict_files_torch
+
+    return predict_files_torch(
+        checkpoint, files, batch_size, workers, top_k, min_confidence, device, calibrated=calibrated, **engine_options
+    )
 
 
 def parse_min_confidence(value: float | str) -> float | str:
@@ -198,38 +140,29 @@ def parse_min_confidence(value: float | str) -> float | str:
     return number
 
 
-def resolve_min_confidence(value: float | str, loaded: InferenceModel) -> float:
+def resolve_min_confidence(value: float | str, meta: dict[str, Any], temperature: float, source: Path) -> float:
     """The probability below which a label is 'unknown': `value`, or for "auto" the rejection threshold
-    that `clothcli calibrate --ood` stored (chosen on calibrated probabilities)."""
+    that `clothcli calibrate --ood` stored in the checkpoint's `meta` (chosen on calibrated probabilities)."""
     value = parse_min_confidence(value)
     if value != "auto":
         return float(value)
-    threshold = loaded.meta.get("ood_threshold")
+    threshold = meta.get("ood_threshold")
     if threshold is None:
         raise UserError(
-            f"{loaded.directory}: no stored rejection threshold for --min-confidence auto; "
+            f"{source}: no stored rejection threshold for --min-confidence auto; "
             "run clothcli calibrate RUN --ood FOLDER first"
         )
-    if loaded.temperature != loaded.meta.get("temperature", 1.0):
+    if temperature != meta.get("temperature", 1.0):
         raise UserError("--min-confidence auto was chosen on calibrated probabilities: drop --no-calibration")
     return float(threshold)
 
 
-def _classify_in_process(
-    loader: Iterable,
-    model: torch.nn.Module,
-    device: torch.device,
-    normalise: BatchAugment | None,
-    top_k: int,
-    use_bf16: bool,
-    temperature: float,
-) -> Iterator[tuple]:
-    """The loader's batches classified here, on `device` (the GPU path, and a CPU without workers)."""
-    for images, targets, indices, errors in loader:
-        images = images.to(device, non_blocking=True)
-        if normalise is not None:
-            images = normalise(images)
-        yield (*classify(model, images, top_k, use_bf16, temperature), targets, indices, errors)
+def label_row(probs: list[float], indices: list[int], classes: list[str], min_confidence: float) -> list[str]:
+    """The top-k labels of one image, the first one 'unknown' when its probability is below `min_confidence`."""
+    labels = [classes[i] for i in indices]
+    if probs[0] < min_confidence:
+        labels[0] = UNKNOWN
+    return labels
 
 
 class ResultWriter:

@@ -387,3 +387,34 @@ def split_fix(fixed) -> None:
             err_console.print(f"  {item['source']} ({item['labels']})", highlight=False)
     linked = "hard links" if fixed.hard_links == fixed.files else f"{fixed.hard_links} hard links, the rest copies"
     note(f"wrote {fixed.files} files to {fixed.out} ({linked}); manifest: {fixed.manifest}")
+
+
+def export_report(report) -> None:
+    """Render `export_onnx` output: the file, the verification and, with --int8, both accuracies."""
+    check = report.verification
+    verdict = "[green]passed[/]" if check.passed else "[red]FAILED[/]"
+    console.print(
+        f"ONNX Runtime against PyTorch on {check.images} images ({check.source}): largest logit difference "
+        f"{check.max_abs_diff:.2e} (allowed {check.allowed_diff:.1e}), top-1 agreement {check.top1_agreement:.2%}"
+        + (f" ({check.near_ties} near-ties)" if check.near_ties else "")
+        + ": "
+        + verdict,
+        highlight=False,
+    )
+    if not check.passed:
+        err_console.print(f"[red]not written:[/] {report.path}")
+        return
+    table = Table(title=f"{report.arch} at {report.input_size} px, opset {report.opset}")
+    for col in ("file", "size", "accuracy"):
+        table.add_column(col, justify="left" if col == "file" else "right")
+    int8 = report.int8
+    table.add_row(report.path, _fmt_bytes(report.bytes), f"{int8.fp32_accuracy:.2%}" if int8 else "-")
+    if int8:
+        table.add_row(int8.path, _fmt_bytes(int8.bytes), f"{int8.int8_accuracy:.2%}")
+    console.print(table)
+    if int8:
+        note(
+            f"int8: calibrated on {int8.calibration_images} training images; accuracy on {int8.images} images of "
+            f"{int8.folder}; int8 agrees with fp32 on {int8.top1_agreement:.2%} of them"
+        )
+    note(f"exported in {report.seconds:.1f}s")
