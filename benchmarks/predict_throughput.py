@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="*")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/predict_throughput.json"))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/predict_throughput_cpu.json"))
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--calibration", type=Path, help="dataset folder: also export and time int8")
     args = parser.parse_args(argv)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         one = [str(files[0])]
         one_image = {"pytorch": whole_command(args.checkpoint, one, Path(tmp) / "one.csv")}
         exported = onnx_models(args.checkpoint, Path(tmp), args.calibration)
-        onnx_rows, onnx_agree = [], {}
+        onnx_rows, onnx_agree, onnx_plain = [], {}, {}
         for kind, model in exported.items():
             seconds = whole_command(model, args.inputs, Path(tmp) / f"{kind}.csv")
             onnx_rows.append(
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             labels = read_labels(Path(tmp) / f"{kind}.csv")
             onnx_agree[kind] = sum(labels.get(k) == v for k, v in batched.items()) / max(1, len(batched))
+            onnx_plain[kind] = sum(labels.get(k) == v for k, v in plain.items()) / max(1, len(plain))
             one_image[f"onnx {kind}"] = whole_command(model, one, Path(tmp) / "one.csv")
     agree = sum(plain.get(k) == v for k, v in batched.items()) / max(1, len(batched))
     rows = [
@@ -190,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     Console(width=120).print(table)
     print(f"top-1 agreement between clothcli and the plain loop: {agree:.2%}")
     for kind, share in onnx_agree.items():
-        print(f"top-1 agreement between ONNX Runtime {kind} and the PyTorch path: {share:.2%}")
+        print(
+            f"top-1 agreement between ONNX Runtime {kind} and the PyTorch path: {share:.2%}, "
+            f"and the plain loop (PIL resize, as ONNX's): {onnx_plain[kind]:.2%}"
+        )
     print("one image, whole command: " + ", ".join(f"{k} {v:.2f}s" for k, v in one_image.items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
@@ -200,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 "results": rows,
                 "top1_agreement": agree,
                 "onnx_top1_agreement": onnx_agree,
+                "onnx_top1_agreement_with_plain_loop": onnx_plain,
                 "one_image_seconds": one_image,
                 "batch": args.batch,
                 "workers": args.workers,

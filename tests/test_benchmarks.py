@@ -26,6 +26,10 @@ def test_benchmark_tiny_mode(script, tmp_path):
         splits = [r["time_split_seconds"] for r in json.loads(out.read_text())["results"] if "time_split_seconds" in r]
         # validation of the tiny data can take under the 10 ms that metrics.csv resolves, so it may read 0
         assert splits and all(s["train"] > 0 and s["validation"] >= 0 and s["other"] >= 0 for s in splits)
+    else:  # the exported model ran through the same command, fp32 and int8
+        result = json.loads(out.read_text())
+        assert set(result["onnx_top1_agreement"]) == {"fp32", "int8"}
+        assert set(result["one_image_seconds"]) == {"pytorch", "onnx fp32", "onnx int8"}
 
 
 def _load_train_benchmark():
