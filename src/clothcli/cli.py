@@ -555,6 +555,51 @@ def export(
 
 @app.command()
 @handle_errors
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (or checkpoint folders) to put side by side.")],
+    data: Annotated[Path, typer.Option(help="Dataset folder: every run is evaluated on its SPLIT.")],
+    split: Annotated[str, typer.Option(help="Split the accuracies and the tests are computed on.")] = "test",
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the table as .md, .json or .csv.", show_default="not written"),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw accuracy against latency and MACs as a PNG.", show_default="not drawn")
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="YAML or CSV rows measured elsewhere, shown apart.", show_default="none"),
+    ] = None,
+    latency: Annotated[bool, typer.Option(help="Time every model at batch 1 and 64.")] = True,
+    threads: Annotated[
+        int | None, typer.Option(min=1, max=256, help="CPU threads for every model.", show_default="torch's default")
+    ] = None,
+    device: DeviceOption = None,
+    cache: Annotated[
+        bool, typer.Option(help="Reuse each run's stored evaluation while data and weights are unchanged.")
+    ] = True,
+) -> None:
+    """Models side by side on the same images: accuracy with intervals, McNemar tests, cost, the verdict."""
+    from clothcli.compare import compare_runs, plot_pareto, write_comparison
+
+    if output is not None and output.suffix.lower() not in (".md", ".json", ".csv"):
+        raise UserError(f"-o must end in .md, .json or .csv, got '{output.name}'")
+    for path in (output, plot):
+        if path is not None and not path.parent.is_dir():
+            raise UserError(f"output folder not found: {path.parent}")
+    with render.progress_bar("comparing"):
+        comparison = compare_runs(runs, data, split, device, threads, latency, cache, reference)
+    render.comparison(comparison)
+    if output:
+        write_comparison(comparison, output)
+        render.note(f"wrote {output}")
+    if plot:
+        plot_pareto(comparison, plot)
+        render.note(f"wrote {plot}")
+
+
+@app.command()
+@handle_errors
 def calibrate(
     checkpoint: Annotated[
         Path,

@@ -4,6 +4,7 @@ from clothcli.render.console import console, download_bar, err_console, error, n
 from clothcli.render.reports import (
     analysis,
     calibration,
+    comparison,
     evaluation,
     export_report,
     flops,
@@ -18,6 +19,7 @@ __all__ = [
     "TrainProgress",
     "analysis",
     "calibration",
+    "comparison",
     "console",
     "download_bar",
     "err_console",

@@ -418,3 +418,48 @@ def export_report(report) -> None:
             f"{int8.folder}; int8 agrees with fp32 on {int8.top1_agreement:.2%} of them"
         )
     note(f"exported in {report.seconds:.1f}s")
+
+
+def comparison(result) -> None:
+    """Render `compare_runs` output: one row per model, the pairwise tests, the verdict."""
+    table = Table(
+        title=f"{result.split} split of {result.data} — latency on {result.device}, {result.threads} threads",
+        caption="95% Wilson interval; front: on the Pareto front of accuracy against latency (L) / MACs (M)",
+    )
+    for col in ("model", "px", "params", "GMACs", "RF", "accuracy", "95% CI", "F1", "ms b1", "ms b64", "train",
+                "front"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("model", "front") else "right")
+
+    def fmt(value, spec: str, scale: float = 1.0) -> str:
+        return "-" if value is None else format(value / scale if scale != 1.0 else value, spec)
+
+    for r in result.rows:
+        table.add_row(
+            r.name + (" (ref.)" if r.reference else ""),
+            fmt(r.input_size, "d"),
+            fmt(r.params, ".2f", 1e6) + ("M" if r.params else ""),
+            fmt(r.macs, ".3f", 1e9),
+            fmt(r.receptive_field, "d"),
+            f"{r.accuracy:.2%}" + ("" if r.reference else f" {r.correct}/{r.n}"),
+            "-" if r.reference else f"{r.ci_low:.1%}–{r.ci_high:.1%}",
+            fmt(None if r.macro_f1 is None else 100 * r.macro_f1, ".2f"),
+            fmt(r.ms_batch1, ".2f"),
+            fmt(r.ms_batch64, ".2f"),
+            "-" if r.train_seconds is None else f"{r.train_seconds / 60:.1f}m",
+            ("L" if r.pareto_latency else "") + ("M" if r.pareto_macs else ""),
+            style="dim" if r.reference else None,
+        )
+    console.print(table)
+    if result.pairs:
+        pairs = Table(title="McNemar's exact test on the same images (bold: p < 0.05)")
+        for col in ("A", "B", "only A right", "only B right", "p"):
+            pairs.add_column(col, justify="left" if col in ("A", "B") else "right")
+        for p in result.pairs:
+            value = f"{p.p_value:.3f}"
+            pairs.add_row(p.a, p.b, str(p.only_a), str(p.only_b), f"[bold]{value}[/]" if p.significant else value)
+        console.print(pairs)
+    cached = [r.name for r in result.rows if r.cached]
+    if cached:
+        note("evaluation reused from the cache for: " + ", ".join(cached))
+    if result.verdict:
+        console.print(f"[bold]Verdict:[/] {result.verdict}", highlight=False)
