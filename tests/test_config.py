@@ -14,7 +14,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["mobilenet.yaml", "resnet50.yaml", "efficientnet-lite0.yaml", "mobilenet-cpu.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "conf").glob("*.yaml")))
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "conf" / name)
     assert isinstance(cfg, Config)

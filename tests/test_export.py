@@ -59,7 +59,8 @@ def test_export_verifies_and_carries_the_checkpoint(trained, exported):
     run, _ = trained
     path, report = exported
     check = report.verification
-    assert check.passed and check.images == 9 and check.top1_agreement == 1.0 and check.max_abs_diff < 1e-3
+    assert check.passed and check.images == 9 and check.top1_agreement == 1.0
+    assert check.max_abs_diff <= 1e-5 * max(1.0, check.logit_scale)  # float32 rounding, nothing more
     assert check.source.endswith("validation")
     model = load_onnx(path)
     meta = json.loads((run / "best" / "checkpoint.json").read_text())

@@ -425,6 +425,7 @@ def test_two_cpu_processes_with_torchrun(tiny_dataset, tmp_path):
         "-m",
         "clothcli",
         *cli_train_args(tiny_dataset, tmp_path / "runs", "ddp"),
+        *("--set", "train.log_with=tensorboard"),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -436,6 +437,9 @@ def test_two_cpu_processes_with_torchrun(tiny_dataset, tmp_path):
     output = proc.stdout + proc.stderr
     assert output.count("epoch   1 ") == 1 and output.count("best epoch") == 1  # only the main process reports
     assert "2 processes (MULTI_CPU)" in output
+    # one set of TensorBoard events (scalars, and hparams in a sub-folder), written by the main process only
+    events = list((runs[0] / "logs").rglob("events.out.tfevents.*"))
+    assert len(events) == 2 and len({path.name.split(".")[-2] for path in events}) == 1  # one writer's pid
 
 
 def test_cli_ctrl_c_then_resume(tiny_dataset, tmp_path, monkeypatch):

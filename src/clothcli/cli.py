@@ -600,6 +600,33 @@ def compare(
 
 @app.command()
 @handle_errors
+def report(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `clothcli train` (uses best/).")],
+    data: Annotated[
+        Path | None,
+        typer.Argument(help="Dataset folder: evaluated on, and audited.", show_default="the run's dataset, no audit"),
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")] = Path("report.html"),
+    split: Annotated[str, typer.Option(help="Split the results and the pictures come from.")] = "test",
+    per_class: Annotated[int, typer.Option(min=0, max=50, help="Sample predictions shown per class.")] = 6,
+    mistakes: Annotated[int, typer.Option(min=0, max=200, help="Most confident mistakes shown.")] = 12,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")] = 2,
+) -> None:
+    """One self-contained HTML page: the run, its curves, results, sample predictions, mistakes, data audit."""
+    from clothcli.report import build_report
+
+    with render.progress_bar("building the report"):
+        result = build_report(run, data, output, split, per_class, mistakes, batch_size, workers)
+    render.note(
+        f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, {result.images} pictures): "
+        + ", ".join(result.sections)
+        + f"; accuracy on {result.split} {result.accuracy:.2%}"
+    )
+
+
+@app.command()
+@handle_errors
 def calibrate(
     checkpoint: Annotated[
         Path,

@@ -328,9 +328,14 @@ def compare_runs(
         names = [str(p) for p in paths]
     data = Path(data)
     target = resolve_device(device)
+    default_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    structures = [_structure(c, target, latency) for c in checkpoints]
+    try:
+        structures = [_structure(c, target, latency) for c in checkpoints]
+        used_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(default_threads)
     _check_same_classes(paths, [s["classes"] for s in structures])
     rows, results = [], []
     for name, checkpoint, structure in zip(names, checkpoints, structures):
@@ -366,7 +371,7 @@ def compare_runs(
             row.pareto_latency = front
     for row, front in zip(rows, pareto_front([(r.macs or math.inf, r.accuracy) for r in rows])):
         row.pareto_macs = front
-    comparison = Comparison(split, str(data), str(target), torch.get_num_threads(), rows, pairs)
+    comparison = Comparison(split, str(data), str(target), used_threads, rows, pairs)
     comparison.chosen, comparison.verdict = verdict(rows, pairs, latency)
     if references is not None:
         comparison.rows += read_references(Path(references))

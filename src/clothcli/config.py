@@ -130,6 +130,9 @@ class EarlyStopConfig:
     patience: int | None = field(default=None, metadata=_range(1, None))
 
 
+TrackerName = Literal["none", "tensorboard", "mlflow", "wandb"]
+
+
 @dataclass
 class TrainConfig:
     """The training loop."""
@@ -150,6 +153,9 @@ class TrainConfig:
     early_stopping: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     swa: SwaConfig = field(default_factory=SwaConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    # experiment trackers through Accelerate, offline under the run folder: one name or a list
+    log_with: TrackerName | list[TrackerName] = "none"
+    log_every: int = field(default=20, metadata=_range(1, None))  # optimizer steps between step-level logs
 
 
 @dataclass

@@ -55,12 +55,19 @@ def resolve_precision(requested: str, device_type: str) -> str:
 
 
 def make_accelerator(
-    mixed_precision: str, grad_accum: int = 1, device: torch.device | None = None, compile_backend: str | None = None
+    mixed_precision: str,
+    grad_accum: int = 1,
+    device: torch.device | None = None,
+    compile_backend: str | None = None,
+    log_with: list[str] | None = None,
+    project_dir: str | None = None,
 ) -> Accelerator:
     """An Accelerator on `device` (default: `resolve_device()`); a single-process caller may build
     several (tests, tune then train).
 
-    With `compile_backend`, `prepare` wraps the model in torch.compile (Accelerate's dynamo plugin)."""
+    With `compile_backend`, `prepare` wraps the model in torch.compile (Accelerate's dynamo plugin);
+    `log_with` names Accelerate trackers, whose files go under `project_dir` until
+    `training.tracking.start_tracking` points them at the run folder."""
     device = device or resolve_device()
     if AcceleratorState._shared_state and AcceleratorState().num_processes == 1:
         AcceleratorState._reset_state()
@@ -71,6 +78,8 @@ def make_accelerator(
         dataloader_config=DataLoaderConfiguration(even_batches=True, non_blocking=device.type == "cuda"),
         step_scheduler_with_optimizer=False,
         dynamo_backend=compile_backend or "no",
+        log_with=log_with or None,
+        project_dir=project_dir,
     )
 
 
@@ -83,6 +92,30 @@ def check_compile_backend(name: str | None) -> None:
     if name not in torch._dynamo.list_backends(exclude_tags=()):
         usual = ", ".join(torch._dynamo.list_backends())  # without the debug and testing ones
         raise UserError(f"train.compile: unknown torch.compile backend '{name}' (e.g. {usual}; eager for debugging)")
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_hardware(accelerator: Accelerator) -> str:
+    """Where a run trains, in words: the device, its name, threads or processes (recorded in checkpoints)."""
+    device = accelerator.device
+    if device.type == "cuda":
+        what = f"cuda ({torch.cuda.get_device_name(device)})"
+    else:
+        what = f"cpu ({_cpu_name()}, {torch.get_num_threads()} threads)"
+    processes = accelerator.num_processes
+    return what + (f" × {processes} processes" if processes > 1 else "") + f", torch {torch.__version__}"
 
 
 def plain_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:

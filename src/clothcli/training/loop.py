@@ -42,7 +42,7 @@ from clothcli.run_folder import (
     save_state,
     without_nan,
 )
-from clothcli.runtime import plain_model
+from clothcli.runtime import describe_hardware, plain_model
 from clothcli.training.setup import (
     NO_VALIDATION,
     Reporter,
@@ -53,6 +53,8 @@ from clothcli.training.setup import (
     training_step,
     validate,
 )
+from clothcli.training.tracking import flush as flush_trackers
+from clothcli.training.tracking import numeric, start_tracking
 
 
 @dataclass
@@ -87,9 +89,11 @@ def train(
     loop = _Loop(cfg, setup, reporter)
     if point is None:
         loop.run_path = _open_run(cfg, accelerator, run_dir)
+        start_tracking(accelerator, cfg, loop.run_path, resume_step=None)
     else:
         loop.run_path, loop.state = Path(resume), point.state
         accelerator.load_state(str(loop.run_path / STATE_DIR))
+        start_tracking(accelerator, cfg, loop.run_path, resume_step=loop.updates_done(loop.state.epoch))
         reporter.message(f"resuming {loop.run_path} at epoch {loop.state.epoch + 2}")
     if accelerator.num_processes > 1:
         reporter.message(
@@ -104,6 +108,8 @@ def train(
             break
     loop.finish_swa()
     accelerator.wait_for_everyone()
+    if loop.state.best:
+        accelerator.log(numeric(loop.state.best, "best"), step=loop.updates_done(loop.state.epoch))
     accelerator.end_training()
     train_samples = setup.data.index.splits["train"].samples
     return TrainResult(
@@ -144,6 +150,7 @@ class _Loop:
         self.compile_seconds: float | None = None
         self.num_classes = len(setup.data.index.classes)
         self.meta_base = checkpoint_meta(cfg, setup.data.index.classes, setup.pre)
+        self.meta_base["trained_on"] = describe_hardware(setup.accelerator)
         # Per optimizer step, as timm's --sched-on-updates: a one-epoch warm-up then climbs within that
         # epoch instead of spending it all at warmup_lr. accelerate syncs on a loader's last batch too.
         self.updates_per_epoch = math.ceil(len(setup.train_loader) / cfg.train.grad_accum)
@@ -168,6 +175,10 @@ class _Loop:
             if obj is not None:
                 setup.accelerator.register_for_checkpointing(obj)
         self.eval_model = self.ema.module if self.ema is not None else setup.model
+
+    def updates_done(self, epoch: int) -> int:
+        """Optimizer updates at the end of epoch `epoch` (0-based): the step axis of every tracker."""
+        return (epoch + 1) * self.updates_per_epoch
 
     def _validate(self, model: nn.Module) -> dict[str, float]:
         s = self.setup
@@ -194,8 +205,10 @@ class _Loop:
             # A constant SWA learning rate (what SWALR settles to), set per epoch: stateless, so resume is exact.
             for group in s.optimizer.param_groups:
                 group["lr"] = cfg.train.swa.lr
-        schedule = None if in_swa and cfg.train.swa.lr else (self.scheduler, epoch * self.updates_per_epoch)
-        row, first_step = _train_one_epoch(epoch, cfg, s, self.ema, schedule, self.reporter, self.unreadable)
+        scheduler = None if in_swa and cfg.train.swa.lr else self.scheduler
+        row, first_step = _train_one_epoch(
+            epoch, cfg, s, self.ema, scheduler, self.updates_done(epoch - 1), self.reporter, self.unreadable
+        )
         if cfg.train.compile and self.compile_seconds is None and first_step is not None:
             self.compile_seconds = first_step
             self.reporter.message(
@@ -214,6 +227,8 @@ class _Loop:
         stop = patience is not None and state.stale >= patience and epoch + 1 < cfg.train.epochs
         s.accelerator.wait_for_everyone()
         monitor = cfg.train.monitor
+        s.accelerator.log(numeric(row, "epoch"), step=self.updates_done(epoch))
+        flush_trackers(s.accelerator)
         with disk_full_is_a_user_error(self.run_path, f"epoch {epoch + 1}"):
             save_epoch(
                 s.accelerator, self.run_path, self.eval_model, self.meta_base, row, monitor, improved, state.history
@@ -237,6 +252,8 @@ class _Loop:
         metrics = self._validate(self.swa_model.module)
         row = metrics_row(epoch="swa", **metrics)
         improved = self._record(row, "swa")
+        s.accelerator.log(numeric(metrics, "swa"), step=self.updates_done(cfg.train.epochs - 1))
+        flush_trackers(s.accelerator)
         monitor, model = cfg.train.monitor, self.swa_model.module
         with disk_full_is_a_user_error(self.run_path, "the SWA model"):
             save_epoch(
@@ -259,14 +276,15 @@ def _train_one_epoch(
     cfg: Config,
     setup: Setup,
     ema: ModelEmaV3 | None,
-    schedule: tuple[Scheduler, int] | None,
+    scheduler: Scheduler | None,
+    updates: int,
     reporter: Reporter,
     unreadable: dict[int, str],
 ) -> tuple[dict[str, Any], float | None]:
     """One epoch's metrics row, and how long its first step took (the compile time, when compiling).
 
-    `schedule` is the scheduler and the number of optimizer updates before this epoch; None keeps
-    the learning rate as it is (SWA's constant rate)."""
+    `updates` counts the optimizer updates before this epoch: the scheduler's position and the
+    trackers' step. A None `scheduler` keeps the learning rate as it is (SWA's constant rate)."""
     model, optimizer, loader, accelerator = setup.model, setup.optimizer, setup.train_loader, setup.accelerator
     model.train()
     reporter.epoch_start(epoch, cfg.train.epochs, len(loader))
@@ -289,12 +307,14 @@ def _train_one_epoch(
         if first_step_seconds is None:
             first_step_seconds = time.perf_counter() - step_start
         if accelerator.sync_gradients:
+            updates += 1
             if ema is not None:
                 ema.update(plain_model(accelerator, model))
-            if schedule is not None:
-                scheduler, done = schedule
-                schedule = (scheduler, done + 1)
-                scheduler.step_update(done + 1)
+            if updates % cfg.train.log_every == 0:
+                step_lr = optimizer.param_groups[0]["lr"]  # the rate this update used
+                accelerator.log({"step/train_loss": float(loss.detach()), "step/lr": step_lr}, step=updates)
+            if scheduler is not None:
+                scheduler.step_update(updates)
         valid = targets != IGNORE_INDEX
         n = valid.sum()
         loss_sum += loss.detach() * n

@@ -23,6 +23,7 @@ from clothcli.errors import UserError
 from clothcli.metrics import macro_f1
 from clothcli.models import Preprocess, build_model, resolve_preprocess
 from clothcli.runtime import check_compile_backend, make_accelerator, predict_batches, resolve_device
+from clothcli.training.tracking import check_trackers, tracker_names
 
 NO_VALIDATION = {"val_loss": math.nan, "val_acc": math.nan, "val_f1": math.nan}
 
@@ -83,6 +84,7 @@ def prepare(
     """Index the data, build model, loaders, optimizer and loss, and hand them to Accelerate."""
     reporter = reporter or SilentReporter()
     check_compile_backend(cfg.train.compile)
+    check_trackers(cfg)
     if not cfg.data.root:
         raise UserError("no dataset given: pass --data PATH (or set data.root in the config)")
     root = Path(cfg.data.root)
@@ -98,6 +100,8 @@ def prepare(
         cfg.train.grad_accum,
         resolve_device(),
         cfg.train.compile if compile_model else None,
+        log_with=tracker_names(cfg),
+        project_dir=cfg.output_dir,
     )
     if not accelerator.is_main_process:
         reporter = SilentReporter()
