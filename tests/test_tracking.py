@@ -1,6 +1,7 @@
 """Experiment tracking through Accelerate: TensorBoard events read back against metrics.csv."""
 
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -103,3 +104,23 @@ def test_missing_tracker_package_is_one_line_before_any_data(tmp_path, monkeypat
 def test_unknown_tracker_is_a_config_error(tmp_path):
     result = runner.invoke(app, ["train", "--data", str(tmp_path), "--set", "train.log_with=neptune"])
     assert result.exit_code == 2 and "train.log_with" in result.output
+
+
+def test_mlflow_file_store_in_the_run_folder(tiny_dataset, tmp_path, monkeypatch):
+    """Runs where the mlflow extra is installed (not part of the dev extras)."""
+    mlflow = pytest.importorskip("mlflow")
+    result = train(config(tiny_dataset, tmp_path / "runs", 2, "train.log_with=mlflow"))
+    run_id = json.loads((result.run_dir / "tracking.json").read_text())["mlflow_run_id"]
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = mlflow.tracking.MlflowClient(tracking_uri=(result.run_dir / "mlruns").resolve().as_uri())
+    logged = [m.value for m in client.get_metric_history(run_id, "epoch/val_acc")]
+    assert logged == pytest.approx([float(r["val_acc"]) for r in metrics(result.run_dir)])
+
+
+def test_wandb_runs_offline_in_the_run_folder(tiny_dataset, tmp_path, monkeypatch):
+    """Runs where the wandb extra is installed (not part of the dev extras); never touches the network."""
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    result = train(config(tiny_dataset, tmp_path / "runs", 2, "train.log_with=wandb"))
+    run_id = json.loads((result.run_dir / "tracking.json").read_text())["wandb_id"]
+    assert list((result.run_dir / "wandb").glob(f"offline-run-*-{run_id}"))

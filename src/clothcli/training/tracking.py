@@ -78,6 +78,8 @@ def start_tracking(accelerator: Accelerator, cfg: Config, run_path: Path, resume
         if accelerator.is_main_process:
             import mlflow
 
+            # a plain file store needs no database server or driver; MLflow 3 asks for this opt-in
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((run_path / "mlruns").resolve().as_uri())
         init_kwargs["mlflow"] = {"run_id": ids.get("mlflow_run_id"), "run_name": run_path.name}
     if "wandb" in names:
@@ -90,7 +92,11 @@ def start_tracking(accelerator: Accelerator, cfg: Config, run_path: Path, resume
             "name": run_path.name,
         }
     config = hyperparameters(cfg) if resume_step is None else None
-    accelerator.init_trackers(cfg.name, config=config, init_kwargs=init_kwargs)
+    try:
+        accelerator.init_trackers(cfg.name, config=config, init_kwargs=init_kwargs)
+    except Exception as exc:  # each tracker library raises its own classes
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UserError(f"train.log_with={','.join(names)}: the tracker did not start ({reason})") from None
     if accelerator.is_main_process:
         if "mlflow" in names:
             ids["mlflow_run_id"] = accelerator.get_tracker("mlflow", unwrap=True).info.run_id
