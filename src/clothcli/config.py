@@ -159,6 +159,17 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a trained clothcli model (timm.task.distillation's logit task)."""
+
+    teacher: str | None = None  # run folder or checkpoint trained on the same classes, in the same order
+    alpha: float = field(default=0.5, metadata=_range(0.0, 1.0))  # weight of the teacher's loss; 1 - alpha: labels
+    temperature: float = field(default=2.0, metadata=_range(0.0, 100.0, lo_open=True))
+    # the teacher sees the student's augmented view resized to this side; None: the teacher's own input size
+    teacher_input_size: int | None = field(default=None, metadata=_range(8, 4096))
+
+
+@dataclass
 class Config:
     """A whole experiment."""
 
@@ -171,9 +182,10 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
-PATH_KEYS = ("output_dir", "data.root", "data.cache_dir", "model.weights")
+PATH_KEYS = ("output_dir", "data.root", "data.cache_dir", "model.weights", "distill.teacher")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

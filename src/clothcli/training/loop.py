@@ -43,6 +43,7 @@ from clothcli.run_folder import (
     without_nan,
 )
 from clothcli.runtime import describe_hardware, plain_model
+from clothcli.training.distill import teacher_seconds
 from clothcli.training.setup import (
     NO_VALIDATION,
     Reporter,
@@ -206,9 +207,13 @@ class _Loop:
             for group in s.optimizer.param_groups:
                 group["lr"] = cfg.train.swa.lr
         scheduler = None if in_swa and cfg.train.swa.lr else self.scheduler
+        teacher_before = teacher_seconds(s.distill)
         row, first_step = _train_one_epoch(
             epoch, cfg, s, self.ema, scheduler, self.updates_done(epoch - 1), self.reporter, self.unreadable
         )
+        if s.distill is not None:
+            spent = teacher_seconds(s.distill) - teacher_before
+            self.reporter.message(f"teacher: {spent:.1f}s of the epoch's {row['seconds']:.1f}s")
         if cfg.train.compile and self.compile_seconds is None and first_step is not None:
             self.compile_seconds = first_step
             self.reporter.message(
@@ -302,7 +307,15 @@ def _train_one_epoch(
                 unreadable[i] = e
         step_start = time.perf_counter()
         logits, loss = training_step(
-            accelerator, model, optimizer, setup.loss_fn, images, targets, setup.channels_last, cfg.train.clip_grad
+            accelerator,
+            model,
+            optimizer,
+            setup.loss_fn,
+            images,
+            targets,
+            setup.channels_last,
+            cfg.train.clip_grad,
+            setup.distill,
         )
         if first_step_seconds is None:
             first_step_seconds = time.perf_counter() - step_start

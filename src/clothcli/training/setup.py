@@ -23,6 +23,7 @@ from clothcli.errors import UserError
 from clothcli.metrics import macro_f1
 from clothcli.models import Preprocess, build_model, resolve_preprocess
 from clothcli.runtime import check_compile_backend, make_accelerator, predict_batches, resolve_device
+from clothcli.training.distill import distillation_task, load_teacher
 from clothcli.training.tracking import check_trackers, tracker_names
 
 NO_VALIDATION = {"val_loss": math.nan, "val_acc": math.nan, "val_f1": math.nan}
@@ -76,6 +77,8 @@ class Setup:
     channels_last: bool
     data: TrainingData
     pre: Preprocess
+    # with distill.teacher: timm's logit distillation task around `model` (the teacher is not trained)
+    distill: Any | None = None
 
 
 def prepare(
@@ -136,7 +139,15 @@ def prepare(
         if val_loader is not None:
             val_loader = TransformedBatches(val_loader, BatchAugment(pre.mean, pre.std))
     loss_fn = _loss_fn(cfg, data.class_counts, accelerator.device)
-    return Setup(accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre)
+    distill = None
+    if cfg.distill.teacher:
+        teacher, loaded = load_teacher(cfg, list(index.classes), accelerator.device)
+        distill = distillation_task(cfg, model, teacher, loss_fn, pre, accelerator.device)
+        reporter.message(
+            f"distilling from {loaded.directory} ({loaded.arch} at {teacher.model.input_size} px): "
+            f"alpha {cfg.distill.alpha}, temperature {cfg.distill.temperature}"
+        )
+    return Setup(accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre, distill)
 
 
 def validate(
@@ -172,14 +183,20 @@ def training_step(
     targets: torch.Tensor,
     channels_last: bool,
     clip_grad: float | None,
+    distill: Any | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward, clip and (when accumulation allows) step: shared by train and tune."""
+    """Forward, backward, clip and (when accumulation allows) step: shared by train and tune. With
+    `distill` (timm's LogitDistillationTask around `model`), the loss includes the teacher's term."""
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            logits = model(images)
-            loss = loss_fn(logits.float(), targets)
+            if distill is not None:
+                out = distill(images, targets)
+                logits, loss = out["output"], out["loss"]
+            else:
+                logits = model(images)
+                loss = loss_fn(logits.float(), targets)
         accelerator.backward(loss)
         if accelerator.sync_gradients and clip_grad:
             accelerator.clip_grad_norm_(model.parameters(), clip_grad)

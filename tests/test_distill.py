@@ -1,0 +1,116 @@
+"""Distillation from a trained clothcli model with timm's LogitDistillationTask."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from torch.nn import functional as F
+from typer.testing import CliRunner
+
+from clothcli.cli import app
+from clothcli.config import load_config
+from clothcli.inference import load_for_inference
+from clothcli.training import SilentReporter, prepare, train
+from conftest import TINY_OVERRIDES, comparable, make_dataset
+
+runner = CliRunner()
+
+
+def tiny(data, out, name, *extra, epochs=2):
+    return load_config(
+        None,
+        [*TINY_OVERRIDES, "optim.lr=0.05", f"data.root={data}", f"output_dir={out}", f"name={name}",
+         f"train.epochs={epochs}", *extra],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A teacher at another input size and normalisation than the students below."""
+    root = tmp_path_factory.mktemp("distill")
+    data = make_dataset(root / "data")
+    cfg = tiny(data, root / "runs", "teacher", "preprocess.input_size=40", "preprocess.mean=[0.5, 0.5, 0.5]",
+               "preprocess.std=[0.25, 0.25, 0.25]", epochs=3)  # fmt: skip
+    return train(cfg).run_dir, data
+
+
+class Messages(SilentReporter):
+    def __init__(self):
+        self.lines = []
+
+    def message(self, text):
+        self.lines.append(text)
+
+
+def test_the_loss_is_timms_logit_distillation_on_the_teachers_view(teacher, tmp_path):
+    run, data = teacher
+    cfg = tiny(data, tmp_path, "student", f"distill.teacher={run}", "distill.alpha=0.7", "distill.temperature=3")
+    setup = prepare(cfg)
+    images, targets, _, _ = next(iter(setup.train_loader))
+    out = setup.distill(images, targets)
+    # by hand: the same view renormalised for the teacher and resized to its 40 px, folded teacher
+    folded = load_for_inference(run, "cpu")
+    mean_s, std_s = torch.tensor(setup.pre.mean).view(1, 3, 1, 1), torch.tensor(setup.pre.std).view(1, 3, 1, 1)
+    view = (images * std_s + mean_s - 0.5) / 0.25
+    view = F.interpolate(view, size=(40, 40), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        teacher_logits = folded.model(view)
+        student_logits = setup.model(images)
+    kl = F.kl_div(F.log_softmax(student_logits / 3, 1), F.log_softmax(teacher_logits / 3, 1), reduction="batchmean",
+                  log_target=True)  # fmt: skip
+    expected = 0.3 * setup.loss_fn(student_logits, targets) + 0.7 * 9 * kl
+    assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_distilled_student_trains_resumes_and_stays_plain(teacher, tmp_path):
+    run, data = teacher
+    extra = [f"distill.teacher={run}", "train.ema.enabled=true", "train.swa.enabled=true", "train.swa.start=0.5"]
+    messages = Messages()
+    full = train(tiny(data, tmp_path / "full", "s", *extra, epochs=4), reporter=messages)
+    assert any(line.startswith("distilling from") and "at 40 px" in line for line in messages.lines)
+    assert sum(line.startswith("teacher: ") for line in messages.lines) == 4
+    with pytest.raises(KeyboardInterrupt):
+
+        class Stop(SilentReporter):
+            def epoch_end(self, row):
+                if row["epoch"] == 2:
+                    raise KeyboardInterrupt
+
+        train(tiny(data, tmp_path / "cut", "s", *extra, epochs=4), reporter=Stop())
+    resumed = train(None, resume=tmp_path / "cut" / "s")
+    assert comparable(resumed.history) == comparable(full.history)
+    # the student alone is saved: the checkpoint loads in plain timm, with no teacher weights in it
+    state = load_file(str(full.run_dir / "best" / "model.safetensors"))
+    model = timm.create_model("test_efficientnet", num_classes=3)
+    model.load_state_dict(state)
+    assert not any("teacher" in key for key in state)
+    assert not any("teacher" in key for key in load_file(str(full.run_dir / "state" / "model.safetensors")))
+
+
+def test_teacher_on_other_classes_is_one_line(teacher, tmp_path):
+    run, _ = teacher
+    data = make_dataset(tmp_path / "other", {"train": 2, "validation": 1}, classes=("red", "green", "cyan"))
+    result = runner.invoke(
+        app,
+        ["train", "--data", str(data), "--output-dir", str(tmp_path / "o"), "--epochs", "1",
+         "--set", f"distill.teacher={run}", *[a for kv in TINY_OVERRIDES for a in ("--set", kv)]],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "trained on other classes: it lacks cyan; adds blue" in result.output, (
+        result.output
+    )
+
+
+def test_a_teacher_on_every_process(teacher, tmp_path):
+    run, data = teacher
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clothcli",
+           "train", "--data", str(data), "--output-dir", str(tmp_path), "--name", "ddp", "--epochs", "2",
+           "--set", f"distill.teacher={run}", *[a for kv in TINY_OVERRIDES for a in ("--set", kv)]]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count("distilling from") == 1  # both load it, the main one reports
+    assert (tmp_path / "ddp" / "best" / "model.safetensors").is_file()
