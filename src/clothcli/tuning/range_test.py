@@ -146,6 +146,7 @@ def lr_range_test(
                 targets,
                 setup.channels_last,
                 cfg.train.clip_grad,
+                setup.distill,
             )
             value = float(loss.detach())
             if not math.isfinite(value):
