@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ Z_95 = 1.959963984540054
 CACHE_DIR = "compare-cache"
 CACHE_ENTRIES = 4  # per split and run folder
 LATENCY_BATCH = 64
+LATENCY_TIE = 0.05  # relative: closer costs are within timing noise
 
 
 def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
@@ -211,7 +213,7 @@ def _training_summary(checkpoint: Path) -> tuple[float | None, int | None, str]:
 
 def _structure(run: Path, device: Any, latency: bool) -> dict[str, Any]:
     """MACs, parameters and receptive field of the model as trained; latency of the model as it runs."""
-    from clothcli.analysis.flops import count, measure_latency
+    from clothcli.analysis.flops import count
     from clothcli.analysis.rf import trace
     from clothcli.inference import load_for_inference
 
@@ -229,9 +231,40 @@ def _structure(run: Path, device: Any, latency: bool) -> dict[str, Any]:
     }
     if latency:
         running = load_for_inference(run, device)
-        timed = measure_latency(running.model, size, LATENCY_BATCH, device)
-        out["ms_batch1"], out["ms_batch64"] = timed["ms_per_image_batch1"], timed[f"ms_per_image_batch{LATENCY_BATCH}"]
+        out["ms_batch1"] = steady_latency(running.model, size, 1, device)
+        out["ms_batch64"] = steady_latency(running.model, size, LATENCY_BATCH, device)
     return out
+
+
+def steady_latency(
+    model: Any, input_size: tuple[int, int, int], batch: int, device: Any, warmup_s: float = 0.3, measure_s: float = 1.0
+) -> float:
+    """Milliseconds per image at `batch`: the median of repeated timed runs, after warm-up runs that fill at
+    least `warmup_s` (thread pools, allocator, oneDNN's kernel choice), repeated for at least `measure_s`
+    and 5 times. Five fixed runs left two copies of one architecture 40% apart at batch 1."""
+    import torch
+
+    device = torch.device(device)
+    images = torch.randn(batch, *input_size, device=device).contiguous(memory_format=torch.channels_last)
+
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        began = time.perf_counter()
+        while time.perf_counter() - began < warmup_s:
+            once()
+        timings: list[float] = []
+        began = time.perf_counter()
+        while len(timings) < 5 or time.perf_counter() - began < measure_s:
+            timings.append(once())
+    return sorted(timings)[len(timings) // 2] / batch * 1000
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
@@ -391,7 +424,11 @@ def verdict(rows: list[ModelRow], pairs: list[PairTest], latency: bool) -> tuple
         return value if value is not None else math.inf
 
     candidates = [r for r in rows if r is best or not tests[(r.name, best.name)].significant]
-    chosen = min(candidates, key=lambda r: (cost(r), -r.accuracy))
+    cheapest = min(cost(r) for r in candidates)
+    # costs within LATENCY_TIE of the cheapest count as equal (timing noise): the most accurate of those,
+    # then the higher macro-F1
+    near = [r for r in candidates if cost(r) <= cheapest * (1 + LATENCY_TIE)]
+    chosen = max(near, key=lambda r: (r.accuracy, r.macro_f1 or 0.0, -cost(r)))
     if chosen is best:
         others = [r for r in rows if r is not best]
         if not others:
@@ -483,6 +520,7 @@ def plot_pareto(comparison: Comparison, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     measured = [r for r in comparison.rows if not r.reference]
     panels = [("ms per image, batch 1", "ms_batch1", "pareto_latency"), ("GMACs", "macs", "pareto_macs")]
@@ -491,7 +529,8 @@ def plot_pareto(comparison: Comparison, path: Path) -> None:
     for ax, (label, key, front_key) in zip(axes[0], panels):
         scale = 1e9 if key == "macs" else 1.0
         points = [(getattr(r, key) / scale, r) for r in measured if getattr(r, key) is not None]
-        for x, r in points:
+        placed: list[tuple[float, float]] = []
+        for index, (x, r) in enumerate(sorted(points, key=lambda p: (p[0], -p[1].accuracy))):
             ax.errorbar(
                 x,
                 100 * r.accuracy,
@@ -500,7 +539,14 @@ def plot_pareto(comparison: Comparison, path: Path) -> None:
                 color="tab:blue" if getattr(r, front_key) else "tab:gray",
                 capsize=3,
             )
-            ax.annotate(r.name, (x, 100 * r.accuracy), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            # labels of points close together are stacked downwards instead of printed over each other
+            crowd = sum(abs(math.log10(x / px)) < 0.08 and abs(100 * r.accuracy - py) < 0.8 for px, py in placed)
+            placed.append((x, 100 * r.accuracy))
+            # and neighbours along the axis alternate above and below their points
+            lift = 4 if index % 2 == 0 else -14
+            ax.annotate(
+                r.name, (x, 100 * r.accuracy), textcoords="offset points", xytext=(6, lift - 11 * crowd), fontsize=8
+            )
         front = sorted((x, 100 * r.accuracy) for x, r in points if getattr(r, front_key))
         if len(front) > 1:
             ax.plot(*zip(*front), "--", color="tab:blue", linewidth=1)
@@ -517,6 +563,9 @@ def plot_pareto(comparison: Comparison, path: Path) -> None:
                         color="tab:red",
                     )
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label + " (log)")
         ax.set_ylabel(f"accuracy on {comparison.split} (%)")
         ax.grid(alpha=0.3)
