@@ -2,7 +2,7 @@
 
 Each command is one function that declares its options and does nothing else; options several
 commands share are declared once below (`JsonOption`, `SetOption`, ...). It is long only because
-seven commands declare their options here.
+eleven commands declare their options here.
 """
 
 from __future__ import annotations
