@@ -73,3 +73,11 @@ def test_index_folder_unknown_class(tmp_path):
     make_image(tmp_path / "f" / "cat" / "a.jpg", (1, 2, 3))
     with pytest.raises(UserError, match="cat"):
         index_folder(tmp_path / "f", ["dog"])
+
+
+def test_class_difference_names_what_differs():
+    from clothcli.data.layout import class_difference
+
+    assert class_difference(["a", "b", "c"], ["a", "c", "d"]) == "lacks b; adds d"
+    assert class_difference(["a", "b"], ["b", "a"]) == "orders them b, a"
+    assert class_difference(["a", "b"], ["a", "b"]) == ""

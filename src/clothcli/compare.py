@@ -317,19 +317,12 @@ def read_references(path: Path) -> list[ModelRow]:
 
 
 def _check_same_classes(runs: list[Path], classes: list[list[str]]) -> None:
-    first = set(classes[0])
+    """Runs compared on the same images must know the same classes (in any order)."""
+    from clothcli.data.layout import class_difference
+
     for run, names in zip(runs[1:], classes[1:]):
-        if set(names) != first:
-            missing, extra = sorted(first - set(names)), sorted(set(names) - first)
-            detail = "; ".join(
-                part
-                for part in (
-                    f"lacks {', '.join(missing)}" if missing else "",
-                    f"adds {', '.join(extra)}" if extra else "",
-                )
-                if part
-            )
-            raise UserError(f"{run} has other classes than {runs[0]}: it {detail}")
+        if set(names) != set(classes[0]):
+            raise UserError(f"{run} has other classes than {runs[0]}: it {class_difference(classes[0], names)}")
 
 
 def compare_runs(

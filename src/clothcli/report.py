@@ -118,13 +118,11 @@ def confusion_figure(report: Any) -> str:
 
 
 def _check_data_classes(data: Path, classes: list[str]) -> None:
-    from clothcli.data.layout import index_dataset
+    from clothcli.data.layout import class_difference, index_dataset
 
     found = index_dataset(data).classes
     if set(found) != set(classes):
-        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
-        parts = [f"lacks {', '.join(missing)}" if missing else "", f"adds {', '.join(extra)}" if extra else ""]
-        raise UserError(f"{data} has other classes than the checkpoint: it " + "; ".join(p for p in parts if p))
+        raise UserError(f"{data} has other classes than the checkpoint: it {class_difference(classes, found)}")
 
 
 def _samples(files: list[dict[str, Any]], classes: list[str], per_class: int, seed: int = 0) -> list[dict[str, Any]]:

@@ -95,6 +95,16 @@ def walk_images(directory: Path) -> tuple[list[Path], list[Skipped]]:
     return images, skipped
 
 
+def class_difference(expected: list[str], found: list[str]) -> str:
+    """How `found` differs from `expected`, for an error line: "lacks a, b; adds c", or for the same names
+    in another order, "orders them ..."; "" when they are equal."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    parts = [f"lacks {', '.join(missing)}" if missing else "", f"adds {', '.join(extra)}" if extra else ""]
+    if missing or extra:
+        return "; ".join(p for p in parts if p)
+    return "" if list(expected) == list(found) else "orders them " + ", ".join(found)
+
+
 def find_split_dir(root: Path, split: str) -> Path | None:
     """The folder of `split` under `root`, accepting the aliases (val/ for validation/)."""
     for name in SPLIT_NAMES.get(split, (split,)):

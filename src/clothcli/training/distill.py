@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clothcli.config import Config
+from clothcli.data.layout import class_difference
 from clothcli.errors import UserError
 from clothcli.models import Preprocess
 
@@ -45,14 +46,6 @@ class TimedTeacher(nn.Module):
         return logits.clone()  # a normal tensor: the KL term keeps it for the student's backward pass
 
 
-def _class_difference(student: list[str], teacher: list[str]) -> str:
-    missing, extra = sorted(set(student) - set(teacher)), sorted(set(teacher) - set(student))
-    if missing or extra:
-        parts = [f"lacks {', '.join(missing)}" if missing else "", f"adds {', '.join(extra)}" if extra else ""]
-        return "; ".join(p for p in parts if p)
-    return "orders them " + ", ".join(teacher) + " instead of " + ", ".join(student)
-
-
 def load_teacher(cfg: Config, classes: list[str], device: torch.device) -> tuple[DistillationTeacher, Any]:
     """The teacher named by `distill.teacher`, wrapped for timm, and its InferenceModel (for its metadata)."""
     from clothcli.inference import load_for_inference
@@ -61,7 +54,7 @@ def load_teacher(cfg: Config, classes: list[str], device: torch.device) -> tuple
     if loaded.classes != classes:
         raise UserError(
             f"distill.teacher {cfg.distill.teacher} was trained on other classes: it "
-            + _class_difference(classes, loaded.classes)
+            + class_difference(classes, loaded.classes)
         )
     size = cfg.distill.teacher_input_size or loaded.preprocess.input_size
     teacher = DistillationTeacher(TimedTeacher(loaded.model, size, device), device=device)
