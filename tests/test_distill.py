@@ -46,23 +46,53 @@ class Messages(SilentReporter):
         self.lines.append(text)
 
 
+def teacher_logits(run, images, student_pre, size, mean, std):
+    """By hand: the student's view renormalised for a teacher and resized to its side, folded teacher."""
+    folded = load_for_inference(run, "cpu")
+    mean_s, std_s = torch.tensor(student_pre.mean).view(1, 3, 1, 1), torch.tensor(student_pre.std).view(1, 3, 1, 1)
+    view = (images * std_s + mean_s - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    view = F.interpolate(view, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        return folded.model(view)
+
+
+def expected_loss(setup, images, targets, teacher, alpha, temperature):
+    with torch.no_grad():
+        student = setup.model(images)
+    kl = F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
+                  reduction="batchmean", log_target=True)  # fmt: skip
+    return (1 - alpha) * setup.loss_fn(student, targets) + alpha * temperature**2 * kl
+
+
 def test_the_loss_is_timms_logit_distillation_on_the_teachers_view(teacher, tmp_path):
     run, data = teacher
     cfg = tiny(data, tmp_path, "student", f"distill.teacher={run}", "distill.alpha=0.7", "distill.temperature=3")
     setup = prepare(cfg)
     images, targets, _, _ = next(iter(setup.train_loader))
     out = setup.distill(images, targets)
-    # by hand: the same view renormalised for the teacher and resized to its 40 px, folded teacher
-    folded = load_for_inference(run, "cpu")
-    mean_s, std_s = torch.tensor(setup.pre.mean).view(1, 3, 1, 1), torch.tensor(setup.pre.std).view(1, 3, 1, 1)
-    view = (images * std_s + mean_s - 0.5) / 0.25
-    view = F.interpolate(view, size=(40, 40), mode="bilinear", antialias=True, align_corners=False)
-    with torch.no_grad():
-        teacher_logits = folded.model(view)
-        student_logits = setup.model(images)
-    kl = F.kl_div(F.log_softmax(student_logits / 3, 1), F.log_softmax(teacher_logits / 3, 1), reduction="batchmean",
-                  log_target=True)  # fmt: skip
-    expected = 0.3 * setup.loss_fn(student_logits, targets) + 0.7 * 9 * kl
+    logits = teacher_logits(run, images, setup.pre, 40, (0.5,) * 3, (0.25,) * 3)
+    expected = expected_loss(setup, images, targets, logits, 0.7, 3)
+    assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_an_ensemble_of_teachers_averages_their_logits(teacher, tmp_path):
+    run, data = teacher
+    # a second teacher at the student's own size and normalisation, listed in a config file
+    second = train(tiny(data, tmp_path / "runs", "second", epochs=1)).run_dir
+    config = tmp_path / "conf" / "student.yaml"
+    config.parent.mkdir()
+    config.write_text(f"distill:\n  teacher: [{run}, ../runs/second]\n  alpha: 0.5\n  temperature: 2\n")
+    cfg = load_config(config, [*TINY_OVERRIDES, f"data.root={data}", f"output_dir={tmp_path / 'out'}"])
+    assert cfg.distill.teacher == [str(run), str(second)]  # relative to the config file's folder
+    setup = prepare(cfg)
+    images, targets, _, _ = next(iter(setup.train_loader))
+    out = setup.distill(images, targets)
+    mean = tuple(setup.pre.mean)
+    logits = (
+        teacher_logits(run, images, setup.pre, 40, (0.5,) * 3, (0.25,) * 3)
+        + teacher_logits(second, images, setup.pre, 32, mean, tuple(setup.pre.std))
+    ) / 2
+    expected = expected_loss(setup, images, targets, logits, 0.5, 2)
     assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-4)
 
 

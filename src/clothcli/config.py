@@ -162,7 +162,8 @@ class TrainConfig:
 class DistillConfig:
     """Knowledge distillation from a trained clothcli model (timm.task.distillation's logit task)."""
 
-    teacher: str | None = None  # run folder or checkpoint trained on the same classes, in the same order
+    # run folder or checkpoint trained on the same classes, in the same order; a list: their logits averaged
+    teacher: str | list[str] | None = None
     alpha: float = field(default=0.5, metadata=_range(0.0, 1.0))  # weight of the teacher's loss; 1 - alpha: labels
     temperature: float = field(default=2.0, metadata=_range(0.0, 100.0, lo_open=True))
     # the teacher sees the student's augmented view resized to this side; None: the teacher's own input size
@@ -305,6 +306,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return nested
 
 
+def _resolve(path: str, base: Path) -> str:
+    """`path` made absolute against `base` (with ~ expanded)."""
+    resolved = Path(path).expanduser()
+    return str(resolved if resolved.is_absolute() else (base / resolved).resolve())
+
+
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make the relative paths of `data` absolute against `base`."""
     for dotted in PATH_KEYS:
@@ -313,8 +320,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         for part in parts[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(parts[-1]), str):
-            path = Path(node[parts[-1]]).expanduser()
-            node[parts[-1]] = str(path if path.is_absolute() else (base / path).resolve())
+            node[parts[-1]] = _resolve(node[parts[-1]], base)
+        elif isinstance(node, dict) and isinstance(node.get(parts[-1]), list):
+            node[parts[-1]] = [_resolve(p, base) if isinstance(p, str) else p for p in node[parts[-1]]]
     return data
 
 

@@ -1,17 +1,19 @@
-"""Knowledge distillation from a trained clothcli model, with timm's `LogitDistillationTask`.
+"""Knowledge distillation from trained clothcli models, with timm's `LogitDistillationTask`.
 
-The teacher is a run folder or checkpoint trained on the same classes in the same order. It is
+The teacher is a run folder or checkpoint trained on the same classes in the same order, or a list
+of them (an ensemble: their logits are averaged, as their log-probabilities would be). Each is
 loaded as `predict` runs a model (eval mode, batch norm folded, channels_last) and sees exactly the
-student's augmented view ("consistent teaching", Beyer et al. 2022): the batch is renormalised to the
-teacher's mean and std (timm's `DistillationTeacher.normalize_input`) and resized to the teacher's
-input size, and the teacher runs under inference_mode. The task's loss is
+student's augmented view ("consistent teaching", Beyer et al. 2022): the batch is renormalised to
+that teacher's mean and std and resized to its input size, and the teachers run under
+inference_mode. The task's loss is
 (1 - alpha) * the student's own loss + alpha * T^2 * KL(teacher || student) at temperature T.
-The teacher is not part of the training state: `--resume` loads it again from `distill.teacher`.
+The teachers are not part of the training state: `--resume` loads them again from `distill.teacher`.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,44 +27,83 @@ from clothcli.errors import UserError
 from clothcli.models import Preprocess
 
 
-class TimedTeacher(nn.Module):
-    """The folded teacher behind a resize to its input size, timed: how much of each step it costs."""
+@dataclass
+class TeacherView:
+    """How one teacher wants the student's view: its input side, mean and std."""
 
-    def __init__(self, model: nn.Module, input_size: int, device: torch.device):
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class TimedTeachers(nn.Module):
+    """The folded teachers, each behind a renormalisation and a resize to its own input, their logits
+    averaged, and timed: how much of each step they cost. Input: a batch normalised for the student."""
+
+    def __init__(self, models: list[nn.Module], views: list[TeacherView], student: Preprocess, device: torch.device):
         super().__init__()
-        self.model, self.input_size, self.device = model, input_size, device
+        self.models, self.views, self.device = nn.ModuleList(models), views, device
+        self.student_mean = torch.tensor(student.mean, device=device).view(1, -1, 1, 1)
+        self.student_std = torch.tensor(student.std, device=device).view(1, -1, 1, 1)
         self.seconds = 0.0
+
+    @property
+    def input_size(self) -> int:
+        return self.views[0].input_size
+
+    def _view(self, images: torch.Tensor, view: TeacherView) -> torch.Tensor:
+        mean = torch.tensor(view.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(view.std, device=images.device).view(1, -1, 1, 1)
+        images = (images * self.student_std + self.student_mean - mean) / std
+        if images.shape[-1] != view.input_size or images.shape[-2] != view.input_size:
+            size = (view.input_size, view.input_size)
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+        return images.contiguous(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         with torch.inference_mode():
-            if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
-                size = (self.input_size, self.input_size)
-                images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-            logits = self.model(images.contiguous(memory_format=torch.channels_last))
+            logits = torch.stack([model(self._view(images, v)) for model, v in zip(self.models, self.views)])
+            logits = logits.float().mean(0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - start
         return logits.clone()  # a normal tensor: the KL term keeps it for the student's backward pass
 
 
-def load_teacher(cfg: Config, classes: list[str], device: torch.device) -> tuple[DistillationTeacher, Any]:
-    """The teacher named by `distill.teacher`, wrapped for timm, and its InferenceModel (for its metadata)."""
+def teacher_paths(cfg: Config) -> list[str]:
+    """`distill.teacher` as a list (one path or several)."""
+    teacher = cfg.distill.teacher
+    return [teacher] if isinstance(teacher, str) else list(teacher or [])
+
+
+def load_teacher(
+    cfg: Config, classes: list[str], pre: Preprocess, device: torch.device
+) -> tuple[DistillationTeacher, list[Any]]:
+    """The teachers named by `distill.teacher`, wrapped for timm, and their InferenceModels (for their
+    metadata). The wrapper gets the student's normalisation, so timm's renormalisation is the identity
+    and each teacher renormalises for itself."""
     from clothcli.inference import load_for_inference
 
-    loaded = load_for_inference(cfg.distill.teacher, device, fold=True, calibrated=False)
-    if loaded.classes != classes:
-        raise UserError(
-            f"distill.teacher {cfg.distill.teacher} was trained on other classes: it "
-            + class_difference(classes, loaded.classes)
-        )
-    size = cfg.distill.teacher_input_size or loaded.preprocess.input_size
-    teacher = DistillationTeacher(TimedTeacher(loaded.model, size, device), device=device)
-    teacher.mean_kd.copy_(torch.tensor(loaded.preprocess.mean).view(1, -1, 1, 1))
-    teacher.std_kd.copy_(torch.tensor(loaded.preprocess.std).view(1, -1, 1, 1))
-    for parameter in teacher.parameters():
+    loaded = []
+    for path in teacher_paths(cfg):
+        teacher = load_for_inference(path, device, fold=True, calibrated=False)
+        if teacher.classes != classes:
+            raise UserError(
+                f"distill.teacher {path} was trained on other classes: it " + class_difference(classes, teacher.classes)
+            )
+        loaded.append(teacher)
+    views = [
+        TeacherView(cfg.distill.teacher_input_size or t.preprocess.input_size, t.preprocess.mean, t.preprocess.std)
+        for t in loaded
+    ]
+    timed = TimedTeachers([t.model for t in loaded], views, pre, device)
+    wrapped = DistillationTeacher(timed, device=device)
+    wrapped.mean_kd.copy_(torch.tensor(pre.mean).view(1, -1, 1, 1))
+    wrapped.std_kd.copy_(torch.tensor(pre.std).view(1, -1, 1, 1))
+    for parameter in wrapped.parameters():
         parameter.requires_grad_(False)
-    return teacher, loaded
+    return wrapped, loaded
 
 
 def distillation_task(
@@ -85,5 +126,5 @@ def distillation_task(
 
 
 def teacher_seconds(task: LogitDistillationTask | None) -> float:
-    """The teacher's forward time so far (0 without distillation)."""
+    """The teachers' forward time so far (0 without distillation)."""
     return task.teacher.model.seconds if task is not None else 0.0

@@ -141,12 +141,12 @@ def prepare(
     loss_fn = _loss_fn(cfg, data.class_counts, accelerator.device)
     distill = None
     if cfg.distill.teacher:
-        teacher, loaded = load_teacher(cfg, list(index.classes), accelerator.device)
+        teacher, loaded = load_teacher(cfg, list(index.classes), pre, accelerator.device)
         distill = distillation_task(cfg, model, teacher, loss_fn, pre, accelerator.device)
-        reporter.message(
-            f"distilling from {loaded.directory} ({loaded.arch} at {teacher.model.input_size} px): "
-            f"alpha {cfg.distill.alpha}, temperature {cfg.distill.temperature}"
+        members = ", ".join(
+            f"{t.directory} ({t.arch} at {view.input_size} px)" for t, view in zip(loaded, teacher.model.views)
         )
+        reporter.message(f"distilling from {members}: alpha {cfg.distill.alpha}, temperature {cfg.distill.temperature}")
     return Setup(accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre, distill)
 
 
