@@ -23,6 +23,7 @@ from typing import Any
 
 from clothcli.errors import UserError
 from clothcli.io_utils import atomic_write_text
+from clothcli.run_folder import read_history, training_seconds
 
 SIGNIFICANCE = 0.05
 Z_95 = 1.959963984540054
@@ -189,13 +190,8 @@ def _training_summary(checkpoint: Path) -> tuple[float | None, int | None, str]:
     """Training time (seconds, validation included) and epochs from the run's metrics.csv; the recipe in a
     few words from its config.yaml. None and "" for a checkpoint outside a run folder."""
     run = checkpoint.parent
-    seconds, epochs = None, None
-    metrics = run / "metrics.csv"
-    if metrics.is_file():
-        with open(metrics, newline="", encoding="utf-8") as fh:
-            rows = [r for r in csv.DictReader(fh) if r.get("epoch", "").isdigit()]
-        seconds = sum(float(r.get("seconds") or 0) + float(r.get("val_seconds") or 0) for r in rows)
-        epochs = len(rows)
+    history = read_history(run)
+    seconds, epochs = (training_seconds(history), len(history)) if history else (None, None)
     recipe = ""
     config = run / "config.yaml"
     if config.is_file():

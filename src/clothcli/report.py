@@ -11,7 +11,6 @@ given, its audit (counts, imbalance, duplicate and leak groups, unreadable files
 from __future__ import annotations
 
 import base64
-import csv
 import io
 import random
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 from clothcli import __version__
 from clothcli.errors import UserError
 from clothcli.io_utils import atomic_write_text
+from clothcli.run_folder import read_history, training_seconds
 
 REPORT_EXTRA = "pip install 'clothcli[report]'"
 THUMBNAIL_SIDE = 160
@@ -60,23 +60,6 @@ def thumbnail(path: str | Path) -> str | None:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def read_history(run: Path) -> list[dict[str, Any]]:
-    """metrics.csv as numbers per epoch (the SWA row, which has no epoch number, left out)."""
-    path = run / "metrics.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("epoch", "").isdigit()]
-
-    def number(value: str) -> float | None:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return None
-
-    return [{k: number(v) for k, v in r.items()} for r in rows]
 
 
 def curves_figure(history: list[dict[str, Any]]) -> str | None:
@@ -154,7 +137,7 @@ def _run_section(run: Path, checkpoint: Path, meta: dict[str, Any], history: lis
     plain = load_for_inference(checkpoint, "cpu", fold=False, calibrated=False)
     size = plain.preprocess.input_size
     counted = count(plain.model, (3, size, size), depth=0)
-    seconds = sum((r.get("seconds") or 0) + (r.get("val_seconds") or 0) for r in history)
+    seconds = training_seconds(history)
     config_file = run / "config.yaml"
     return {
         "name": run.name,

@@ -153,6 +153,28 @@ def without_nan(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.csv as numbers per epoch (the SWA row, which has no epoch number, left out); [] without one."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("epoch", "").isdigit()]
+
+    def number(value: str) -> float | None:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+
+    return [{k: number(v) for k, v in r.items()} for r in rows]
+
+
+def training_seconds(history: list[dict[str, Any]]) -> float:
+    """The time a run spent training, its validation passes included, from `read_history`'s rows."""
+    return sum((r.get("seconds") or 0) + (r.get("val_seconds") or 0) for r in history)
+
+
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, extrasaction="ignore")
