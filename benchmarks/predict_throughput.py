@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,11 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/predict_throughput_cpu.json"))
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--calibration", type=Path, help="dataset folder: also export and time int8")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the whole commands (median reported)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             args.checkpoint, data = make_tiny(Path(tmp))
-            args.inputs, args.workers, args.batch = [str(data)], 0, 8
+            args.inputs, args.workers, args.batch, args.repeats = [str(data)], 0, 8, 1
             args.calibration = data
         if args.checkpoint is None or not args.inputs:
             parser.error("give CHECKPOINT and INPUTS, or --tiny")
@@ -144,24 +146,32 @@ def main(argv: list[str] | None = None) -> int:
         # the model in this process, as on a GPU; the CPU default runs it in the loader workers
         in_process_s = clothcli_batched(args.checkpoint, files, args.batch, args.workers, model_in_workers=False)[1]
         batched, batched_s = clothcli_batched(args.checkpoint, files, args.batch, args.workers)
-        command_s = whole_command(args.checkpoint, args.inputs, Path(tmp) / "out.csv")
         one = [str(files[0])]
-        one_image = {"pytorch": whole_command(args.checkpoint, one, Path(tmp) / "one.csv")}
         exported = onnx_models(args.checkpoint, Path(tmp), args.calibration)
+        # every command in each round, rounds repeated: the host's drift reaches all of them alike
+        commands = {"pytorch": args.checkpoint, **{f"onnx {kind}": model for kind, model in exported.items()}}
+        runs: dict[str, list[float]] = {name: [] for name in commands}
+        one_runs: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(args.repeats):
+            for name, model in commands.items():
+                runs[name].append(whole_command(model, args.inputs, Path(tmp) / f"{name.replace(' ', '-')}.csv"))
+                one_runs[name].append(whole_command(model, one, Path(tmp) / "one.csv"))
+        command_s = statistics.median(runs["pytorch"])
+        one_image = {name: statistics.median(times) for name, times in one_runs.items()}
         onnx_rows, onnx_agree, onnx_plain = [], {}, {}
-        for kind, model in exported.items():
-            seconds = whole_command(model, args.inputs, Path(tmp) / f"{kind}.csv")
+        for kind in exported:
+            seconds = statistics.median(runs[f"onnx {kind}"])
             onnx_rows.append(
                 {
                     "pipeline": f"clothcli predict command, ONNX Runtime {kind} (start-up included)",
                     "seconds": seconds,
                     "images_per_s": len(files) / seconds,
+                    "runs_seconds": runs[f"onnx {kind}"],
                 }
             )
-            labels = read_labels(Path(tmp) / f"{kind}.csv")
+            labels = read_labels(Path(tmp) / f"onnx-{kind}.csv")
             onnx_agree[kind] = sum(labels.get(k) == v for k, v in batched.items()) / max(1, len(batched))
             onnx_plain[kind] = sum(labels.get(k) == v for k, v in plain.items()) / max(1, len(plain))
-            one_image[f"onnx {kind}"] = whole_command(model, one, Path(tmp) / "one.csv")
     agree = sum(plain.get(k) == v for k, v in batched.items()) / max(1, len(batched))
     rows = [
         {"pipeline": "plain loop (PIL, one image at a time)", "seconds": plain_s, "images_per_s": len(files) / plain_s},
@@ -175,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             "pipeline": "clothcli predict command (start-up included)",
             "seconds": command_s,
             "images_per_s": len(files) / command_s,
+            "runs_seconds": runs["pytorch"],
         },
         *onnx_rows,
     ]
@@ -195,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             f"top-1 agreement between ONNX Runtime {kind} and the PyTorch path: {share:.2%}, "
             f"and the plain loop (PIL resize, as ONNX's): {onnx_plain[kind]:.2%}"
         )
+    for r in onnx_rows:
+        print(f"{r['pipeline']}: {command_s / r['seconds']:.2f}x the PyTorch command (median of {args.repeats} rounds)")
     print("one image, whole command: " + ", ".join(f"{k} {v:.2f}s" for k, v in one_image.items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
@@ -206,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 "onnx_top1_agreement": onnx_agree,
                 "onnx_top1_agreement_with_plain_loop": onnx_plain,
                 "one_image_seconds": one_image,
+                "repeats": args.repeats,
                 "batch": args.batch,
                 "workers": args.workers,
             },
