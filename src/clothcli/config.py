@@ -77,6 +77,11 @@ class AugmentConfig:
     hflip: float = field(default=0.5, metadata=_range(0.0, 1.0))
     auto_augment: str | None = None
     color_jitter: float = field(default=0.4, metadata=_range(0.0, 2.0))
+    # mixing images and labels (timm's Mixup, per batch): Beta(alpha, alpha) weights for mixup and cutmix
+    # (0 leaves it off; both on: one or the other per batch), applied to a share `mix_prob` of the batches
+    mixup: float = field(default=0.0, metadata=_range(0.0, 100.0))
+    cutmix: float = field(default=0.0, metadata=_range(0.0, 100.0))
+    mix_prob: float = field(default=1.0, metadata=_range(0.0, 1.0))
     # side of the training crops; None: preprocess.input_size. Smaller than the evaluation size makes
     # steps cheaper, and random-resized-crop nets often score best tested larger ("FixRes")
     crop_size: int | None = field(default=None, metadata=_range(8, 4096))

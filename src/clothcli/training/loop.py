@@ -306,7 +306,7 @@ def _train_one_epoch(
             if e:
                 unreadable[i] = e
         step_start = time.perf_counter()
-        logits, loss = training_step(
+        logits, loss, targets = training_step(
             accelerator,
             model,
             optimizer,
@@ -316,6 +316,7 @@ def _train_one_epoch(
             setup.channels_last,
             cfg.train.clip_grad,
             setup.distill,
+            setup.mix,
         )
         if first_step_seconds is None:
             first_step_seconds = time.perf_counter() - step_start

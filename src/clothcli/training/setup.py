@@ -79,6 +79,8 @@ class Setup:
     pre: Preprocess
     # with distill.teacher: timm's logit distillation task around `model` (the teacher is not trained)
     distill: Any | None = None
+    # with augment.mixup or augment.cutmix: timm's Mixup, applied to each training batch
+    mix: Any | None = None
 
 
 def prepare(
@@ -147,7 +149,35 @@ def prepare(
             f"{t.directory} ({t.arch} at {view.input_size} px)" for t, view in zip(loaded, teacher.model.views)
         )
         reporter.message(f"distilling from {members}: alpha {cfg.distill.alpha}, temperature {cfg.distill.temperature}")
-    return Setup(accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre, distill)
+    return Setup(
+        accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre, distill,
+        _mixer(cfg, len(index.classes)),
+    )  # fmt: skip
+
+
+def _mixer(cfg: Config, num_classes: int) -> Any | None:
+    """timm's Mixup for `augment.mixup`/`augment.cutmix`, or None when both are 0. Label smoothing stays
+    with the loss (cross-entropy smooths soft targets too)."""
+    aug = cfg.augment
+    if not aug.mixup and not aug.cutmix:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mix_prob, label_smoothing=0.0, num_classes=num_classes
+    )
+
+
+def mix_batch(mix: Any, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixed images and their soft targets; unreadable images (IGNORE_INDEX) are left out first, and
+    the last image too when that leaves an odd number (timm mixes each image with its mirror in the batch)."""
+    keep = (targets != IGNORE_INDEX).nonzero().flatten()
+    keep = keep[: len(keep) - len(keep) % 2]
+    if len(keep) < len(targets):
+        images, targets = images[keep], targets[keep]
+    if not len(targets):
+        return images, targets.new_zeros((0, mix.num_classes), dtype=torch.float32)
+    return mix(images, targets)
 
 
 def validate(
@@ -184,9 +214,19 @@ def training_step(
     channels_last: bool,
     clip_grad: float | None,
     distill: Any | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    mix: Any | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward, backward, clip and (when accumulation allows) step: shared by train and tune. With
-    `distill` (timm's LogitDistillationTask around `model`), the loss includes the teacher's term."""
+    `distill` (timm's LogitDistillationTask around `model`), the loss includes the teacher's term; with
+    `mix` (timm's Mixup), the batch is mixed first and the teacher sees the mixed images.
+
+    Returns the logits, the loss and the class each row of the logits counts as for training accuracy
+    (under mixing, the image with the larger weight)."""
+    if mix is not None:
+        images, soft = mix_batch(mix, images, targets)
+        targets, counted = soft, soft.argmax(1)
+    else:
+        counted = targets
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with accelerator.accumulate(model):
@@ -202,4 +242,4 @@ def training_step(
             accelerator.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return logits, loss
+    return logits, loss, counted

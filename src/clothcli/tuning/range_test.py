@@ -137,7 +137,7 @@ def lr_range_test(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, targets, _, _ = next(batches)
-            _, loss = training_step(
+            _, loss, _ = training_step(
                 setup.accelerator,
                 model,
                 optimizer,
@@ -147,6 +147,7 @@ def lr_range_test(
                 setup.channels_last,
                 cfg.train.clip_grad,
                 setup.distill,
+                setup.mix,
             )
             value = float(loss.detach())
             if not math.isfinite(value):
