@@ -149,10 +149,10 @@ def prepare(
             f"{t.directory} ({t.arch} at {view.input_size} px)" for t, view in zip(loaded, teacher.model.views)
         )
         reporter.message(f"distilling from {members}: alpha {cfg.distill.alpha}, temperature {cfg.distill.temperature}")
+    mix = _mixer(cfg, len(index.classes))
     return Setup(
-        accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre, distill,
-        _mixer(cfg, len(index.classes)),
-    )  # fmt: skip
+        accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre, distill, mix
+    )
 
 
 def _mixer(cfg: Config, num_classes: int) -> Any | None:
