@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,7 +208,7 @@ def _training_summary(checkpoint: Path) -> tuple[float | None, int | None, str]:
 
 def _structure(run: Path, device: Any, latency: bool) -> dict[str, Any]:
     """MACs, parameters and receptive field of the model as trained; latency of the model as it runs."""
-    from clothcli.analysis.flops import count
+    from clothcli.analysis.flops import count, steady_latency
     from clothcli.analysis.rf import trace
     from clothcli.inference import load_for_inference
 
@@ -230,37 +229,6 @@ def _structure(run: Path, device: Any, latency: bool) -> dict[str, Any]:
         out["ms_batch1"] = steady_latency(running.model, size, 1, device)
         out["ms_batch64"] = steady_latency(running.model, size, LATENCY_BATCH, device)
     return out
-
-
-def steady_latency(
-    model: Any, input_size: tuple[int, int, int], batch: int, device: Any, warmup_s: float = 0.3, measure_s: float = 1.0
-) -> float:
-    """Milliseconds per image at `batch`: the median of repeated timed runs, after warm-up runs that fill at
-    least `warmup_s` (thread pools, allocator, oneDNN's kernel choice), repeated for at least `measure_s`
-    and 5 times. Five fixed runs left two copies of one architecture 40% apart at batch 1."""
-    import torch
-
-    device = torch.device(device)
-    images = torch.randn(batch, *input_size, device=device).contiguous(memory_format=torch.channels_last)
-
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        model(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    with torch.inference_mode():
-        began = time.perf_counter()
-        while time.perf_counter() - began < warmup_s:
-            once()
-        timings: list[float] = []
-        began = time.perf_counter()
-        while len(timings) < 5 or time.perf_counter() - began < measure_s:
-            timings.append(once())
-    return sorted(timings)[len(timings) // 2] / batch * 1000
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:

@@ -287,29 +287,39 @@ def count(model: nn.Module, input_size: tuple[int, int, int], depth: int = 2, na
     return report
 
 
+def steady_latency(
+    model: Any, input_size: tuple[int, int, int], batch: int, device: Any, warmup_s: float = 0.3, measure_s: float = 1.0
+) -> float:
+    """Milliseconds per image at `batch`: the median of repeated timed runs, after warm-up runs that fill at
+    least `warmup_s` (thread pools, allocator, oneDNN's kernel choice), repeated for at least `measure_s`
+    and 5 times. Five fixed runs left two copies of one architecture 40% apart at batch 1."""
+    device = torch.device(device)
+    images = torch.randn(batch, *input_size, device=device).contiguous(memory_format=torch.channels_last)
+
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        began = time.perf_counter()
+        while time.perf_counter() - began < warmup_s:
+            once()
+        timings: list[float] = []
+        began = time.perf_counter()
+        while len(timings) < 5 or time.perf_counter() - began < measure_s:
+            timings.append(once())
+    return sorted(timings)[len(timings) // 2] / batch * 1000
+
+
 def measure_latency(
-    model: nn.Module,
-    input_size: tuple[int, int, int],
-    batch: int = 32,
-    device: str | torch.device = "cpu",
-    repeats: int = 5,
+    model: nn.Module, input_size: tuple[int, int, int], batch: int = 32, device: str | torch.device = "cpu"
 ) -> dict[str, float]:
-    """Milliseconds per image at batch 1 and at `batch` (median of `repeats`, after warm-up)."""
+    """Milliseconds per image at batch 1 and at `batch`, channels_last in eval mode (`steady_latency`)."""
     device = torch.device(device)
     model = model.eval().to(device).to(memory_format=torch.channels_last)
-    out = {}
-    for n in (1, batch):
-        x = torch.randn(n, *input_size, device=device).contiguous(memory_format=torch.channels_last)
-        times = []
-        with torch.inference_mode():
-            for i in range(repeats + 2):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if i >= 2:
-                    times.append(time.perf_counter() - start)
-        out[f"ms_per_image_batch{n}"] = sorted(times)[len(times) // 2] / n * 1000
-    return out
+    return {f"ms_per_image_batch{n}": steady_latency(model, input_size, n, device) for n in (1, batch)}

@@ -43,27 +43,29 @@ class TimedTeachers(nn.Module):
     def __init__(self, models: list[nn.Module], views: list[TeacherView], student: Preprocess, device: torch.device):
         super().__init__()
         self.models, self.views, self.device = nn.ModuleList(models), views, device
-        self.student_mean = torch.tensor(student.mean, device=device).view(1, -1, 1, 1)
-        self.student_std = torch.tensor(student.std, device=device).view(1, -1, 1, 1)
+        # student-normalised x -> teacher-normalised: (x * s_std + s_mean - t_mean) / t_std = x * scale + shift
+        s_mean, s_std = torch.tensor(student.mean), torch.tensor(student.std)
+        self.affine = [
+            (
+                (s_std / torch.tensor(v.std)).view(1, -1, 1, 1).to(device),
+                ((s_mean - torch.tensor(v.mean)) / torch.tensor(v.std)).view(1, -1, 1, 1).to(device),
+            )
+            for v in views
+        ]
         self.seconds = 0.0
 
-    @property
-    def input_size(self) -> int:
-        return self.views[0].input_size
-
-    def _view(self, images: torch.Tensor, view: TeacherView) -> torch.Tensor:
-        mean = torch.tensor(view.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(view.std, device=images.device).view(1, -1, 1, 1)
-        images = (images * self.student_std + self.student_mean - mean) / std
-        if images.shape[-1] != view.input_size or images.shape[-2] != view.input_size:
-            size = (view.input_size, view.input_size)
-            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    def _view(self, images: torch.Tensor, index: int) -> torch.Tensor:
+        scale, shift = self.affine[index]
+        images = images * scale + shift
+        side = self.views[index].input_size
+        if images.shape[-1] != side or images.shape[-2] != side:
+            images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
         return images.contiguous(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         with torch.inference_mode():
-            logits = torch.stack([model(self._view(images, v)) for model, v in zip(self.models, self.views)])
+            logits = torch.stack([model(self._view(images, i)) for i, model in enumerate(self.models)])
             logits = logits.float().mean(0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
