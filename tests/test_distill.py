@@ -57,18 +57,31 @@ def teacher_logits(run, images, student_pre, size, mean, std):
 
 
 def expected_loss(setup, images, targets, teacher, alpha, temperature):
+    """By hand: the student sees the shared view resized to its own side."""
+    side, mode = setup.pre.input_size, setup.pre.interpolation  # bicubic for test_efficientnet
+    view = images
+    if images.shape[-1] != side:
+        view = F.interpolate(images, size=(side, side), mode=mode, antialias=True)
     with torch.no_grad():
-        student = setup.model(images)
+        student = setup.model(view)
     kl = F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
                   reduction="batchmean", log_target=True)  # fmt: skip
     return (1 - alpha) * setup.loss_fn(student, targets) + alpha * temperature**2 * kl
 
 
-def test_the_loss_is_timms_logit_distillation_on_the_teachers_view(teacher, tmp_path):
+@pytest.mark.parametrize("views", [None, 32])
+def test_the_loss_is_timms_logit_distillation_on_the_teachers_view(teacher, tmp_path, views):
+    """The views are drawn at the 40-px teacher's side (the 32-px student gets them resized down), or
+    with distill.view_size=32 at the student's (the teacher gets them resized up)."""
     run, data = teacher
-    cfg = tiny(data, tmp_path, "student", f"distill.teacher={run}", "distill.alpha=0.7", "distill.temperature=3")
+    extra = [f"distill.view_size={views}"] if views else []
+    cfg = tiny(
+        data, tmp_path, "student", f"distill.teacher={run}", "distill.alpha=0.7", "distill.temperature=3", *extra
+    )
     setup = prepare(cfg)
+    assert setup.pre.input_size == 32
     images, targets, _, _ = next(iter(setup.train_loader))
+    assert images.shape[-2:] == (views or 40, views or 40)
     out = setup.distill(images, targets)
     logits = teacher_logits(run, images, setup.pre, 40, (0.5,) * 3, (0.25,) * 3)
     expected = expected_loss(setup, images, targets, logits, 0.7, 3)
@@ -86,6 +99,7 @@ def test_an_ensemble_of_teachers_averages_their_logits(teacher, tmp_path):
     assert cfg.distill.teacher == [str(run), str(second)]  # relative to the config file's folder
     setup = prepare(cfg)
     images, targets, _, _ = next(iter(setup.train_loader))
+    assert images.shape[-1] == 40  # the larger teacher's side
     out = setup.distill(images, targets)
     mean = tuple(setup.pre.mean)
     logits = (

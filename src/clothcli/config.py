@@ -171,8 +171,11 @@ class DistillConfig:
     teacher: str | list[str] | None = None
     alpha: float = field(default=0.5, metadata=_range(0.0, 1.0))  # weight of the teacher's loss; 1 - alpha: labels
     temperature: float = field(default=2.0, metadata=_range(0.0, 100.0, lo_open=True))
-    # the teacher sees the student's augmented view resized to this side; None: the teacher's own input size
+    # the teacher sees the shared augmented view resized to this side; None: the teacher's own input size
     teacher_input_size: int | None = field(default=None, metadata=_range(8, 4096))
+    # side at which the augmented views are drawn; student and teachers each get them resized to their own
+    # side. None: the largest of those sides, so a teacher bigger than the student sees a sharp view
+    view_size: int | None = field(default=None, metadata=_range(8, 4096))
 
 
 @dataclass

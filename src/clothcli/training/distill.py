@@ -5,7 +5,10 @@ of them (an ensemble: their logits are averaged, as their log-probabilities woul
 loaded as `predict` runs a model (eval mode, batch norm folded, channels_last) and sees exactly the
 student's augmented view ("consistent teaching", Beyer et al. 2022): the batch is renormalised to
 that teacher's mean and std and resized to its input size, and the teachers run under
-inference_mode. The task's loss is
+inference_mode. The views are drawn at the largest side among student and teachers (`view_size`) and
+the student gets them resized down to its own crop: a 224-px teacher shown the student's 192-px view
+upscaled loses what the extra pixels held (EfficientNet-Lite0 on validation: 92.96% at 224 px, 90.32%
+on 192-px views upscaled to 224, the student's own level). The task's loss is
 (1 - alpha) * the student's own loss + alpha * T^2 * KL(teacher || student) at temperature T.
 The teachers are not part of the training state: `--resume` loads them again from `distill.teacher`.
 """
@@ -71,6 +74,29 @@ class TimedTeachers(nn.Module):
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - start
         return logits.clone()  # a normal tensor: the KL term keeps it for the student's backward pass
+
+
+class ResizedStudent(nn.Module):
+    """The student behind a resize of the shared view to its own training crop (antialiased, so a
+    downscaled view is what a crop drawn at the student's side would have been, up to resampling)."""
+
+    def __init__(self, model: nn.Module, side: int, pre: Preprocess, channels_last: bool):
+        super().__init__()
+        self.model, self.side, self.channels_last = model, side, channels_last
+        self.mode = "bicubic" if pre.interpolation == "bicubic" else "bilinear"
+        self.pretrained_cfg = {"mean": pre.mean, "std": pre.std}  # what timm's task reads off a student
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (self.side, self.side):
+            images = F.interpolate(images, size=(self.side, self.side), mode=self.mode, antialias=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+
+def view_size(cfg: Config, student_crop: int, views: list[TeacherView]) -> int:
+    """Side of the augmented views student and teachers share: `distill.view_size`, else the largest."""
+    return cfg.distill.view_size or max([student_crop, *(v.input_size for v in views)])
 
 
 def teacher_paths(cfg: Config) -> list[str]:

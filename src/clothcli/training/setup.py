@@ -4,7 +4,7 @@ starting weights and preprocessing), the optimizer and the loss, handed to Accel
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +23,7 @@ from clothcli.errors import UserError
 from clothcli.metrics import macro_f1
 from clothcli.models import Preprocess, build_model, resolve_preprocess
 from clothcli.runtime import check_compile_backend, make_accelerator, predict_batches, resolve_device
-from clothcli.training.distill import distillation_task, load_teacher
+from clothcli.training.distill import ResizedStudent, distillation_task, load_teacher, view_size
 from clothcli.training.tracking import check_trackers, tracker_names
 
 NO_VALIDATION = {"val_loss": math.nan, "val_acc": math.nan, "val_f1": math.nan}
@@ -122,7 +122,20 @@ def prepare(
     train_crop = crop_size(pre, cfg.augment)
     if train_crop != pre.input_size:
         reporter.message(f"training on {train_crop} px crops; validation and the checkpoint use {pre.input_size} px")
-    data = build_training_data(cfg, index, pre, reporter, accelerator.device.type)
+    teacher, data_cfg = None, cfg
+    if cfg.distill.teacher:
+        teacher, loaded = load_teacher(cfg, list(index.classes), pre, accelerator.device)
+        views = view_size(cfg, train_crop, teacher.model.views)
+        # the loaders draw the shared views at their side; the student gets them resized to train_crop
+        data_cfg = replace(cfg, augment=replace(cfg.augment, crop_size=views))
+        members = ", ".join(
+            f"{t.directory} ({t.arch} at {view.input_size} px)" for t, view in zip(loaded, teacher.model.views)
+        )
+        reporter.message(
+            f"distilling from {members}: alpha {cfg.distill.alpha}, temperature {cfg.distill.temperature}, "
+            f"views drawn at {views} px"
+        )
+    data = build_training_data(data_cfg, index, pre, reporter, accelerator.device.type)
     optimizer = create_optimizer_v2(
         model,
         opt=cfg.optim.name,
@@ -142,13 +155,9 @@ def prepare(
             val_loader = TransformedBatches(val_loader, BatchAugment(pre.mean, pre.std))
     loss_fn = _loss_fn(cfg, data.class_counts, accelerator.device)
     distill = None
-    if cfg.distill.teacher:
-        teacher, loaded = load_teacher(cfg, list(index.classes), pre, accelerator.device)
-        distill = distillation_task(cfg, model, teacher, loss_fn, pre, accelerator.device)
-        members = ", ".join(
-            f"{t.directory} ({t.arch} at {view.input_size} px)" for t, view in zip(loaded, teacher.model.views)
-        )
-        reporter.message(f"distilling from {members}: alpha {cfg.distill.alpha}, temperature {cfg.distill.temperature}")
+    if teacher is not None:
+        student = ResizedStudent(model, train_crop, pre, channels_last)
+        distill = distillation_task(cfg, student, teacher, loss_fn, pre, accelerator.device)
     mix = _mixer(cfg, len(index.classes))
     return Setup(
         accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre, distill, mix
