@@ -24,7 +24,7 @@ TINY_OVERRIDES = [
 COLORS = {"red": (200, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 200)}
 
 
-TIMING_FIELDS = ("seconds", "images_per_s", "data_wait", "val_seconds")
+TIMING_FIELDS = ("seconds", "images_per_s", "data_wait", "val_seconds", "teacher_seconds")
 
 
 def comparable(history: list[dict]) -> list[dict]:

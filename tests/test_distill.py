@@ -117,6 +117,8 @@ def test_distilled_student_trains_resumes_and_stays_plain(teacher, tmp_path):
     full = train(tiny(data, tmp_path / "full", "s", *extra, epochs=4), reporter=messages)
     assert any(line.startswith("distilling from") and "at 40 px" in line for line in messages.lines)
     assert sum(line.startswith("teacher: ") for line in messages.lines) == 4
+    epochs = [row for row in full.history if row["epoch"] != "swa"]  # the SWA row has no timings
+    assert len(epochs) == 4 and all(0 < row["teacher_seconds"] <= row["seconds"] for row in epochs)
     with pytest.raises(KeyboardInterrupt):
 
         class Stop(SilentReporter):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from clothcli.checkpoint import load_checkpoint
 from clothcli.io_utils import FAULT_DELAY_ENV
-from conftest import TINY_OVERRIDES, make_dataset
+from conftest import TINY_OVERRIDES, comparable, make_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +62,7 @@ def kill_when(proc: subprocess.Popen, ready, extra: float = 0.0, timeout: float 
 def metric_rows(run: Path) -> list[dict]:
     with open(run / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
-    timings = ("seconds", "images_per_s", "data_wait", "val_seconds")
-    return [{k: v for k, v in r.items() if k not in timings} for r in rows]
+    return comparable(rows)
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -124,3 +124,13 @@ def test_wandb_runs_offline_in_the_run_folder(tiny_dataset, tmp_path, monkeypatc
     result = train(config(tiny_dataset, tmp_path / "runs", 2, "train.log_with=wandb"))
     run_id = json.loads((result.run_dir / "tracking.json").read_text())["wandb_id"]
     assert list((result.run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def test_a_distilled_run_logs_its_teachers_time(tiny_dataset, tmp_path):
+    teacher = train(load_config(None, [*TINY_OVERRIDES, f"data.root={tiny_dataset}", f"output_dir={tmp_path}",
+                                       "name=teacher", "train.epochs=1"])).run_dir  # fmt: skip
+    run = train(config(tiny_dataset, tmp_path / "runs", 2, f"distill.teacher={teacher}")).run_dir
+    assert_events_match_metrics(run, updates_per_epoch=3, epochs=2)
+    seconds = [float(row["teacher_seconds"]) for row in metrics(run)]
+    assert all(0 < s <= float(row["seconds"]) for s, row in zip(seconds, metrics(run)))
+    assert [value for _, value in scalars(run)["epoch/teacher_seconds"]] == pytest.approx(seconds, abs=1e-6)

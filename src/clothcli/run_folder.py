@@ -47,6 +47,7 @@ METRIC_FIELDS = [
     "images_per_s",
     "data_wait",
     "val_seconds",
+    "teacher_seconds",  # with distillation: the teachers' share of `seconds`
 ]
 CONFIG_FILE = "config.yaml"
 STATE_DIR = "state"

@@ -212,8 +212,8 @@ class _Loop:
             epoch, cfg, s, self.ema, scheduler, self.updates_done(epoch - 1), self.reporter, self.unreadable
         )
         if s.distill is not None:
-            spent = teacher_seconds(s.distill) - teacher_before
-            self.reporter.message(f"teacher: {spent:.1f}s of the epoch's {row['seconds']:.1f}s")
+            row["teacher_seconds"] = round(teacher_seconds(s.distill) - teacher_before, 3)
+            self.reporter.message(f"teacher: {row['teacher_seconds']:.1f}s of the epoch's {row['seconds']:.1f}s")
         if cfg.train.compile and self.compile_seconds is None and first_step is not None:
             self.compile_seconds = first_step
             self.reporter.message(
