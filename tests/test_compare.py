@@ -21,11 +21,11 @@ from conftest import TINY_OVERRIDES, make_dataset, make_image
 runner = CliRunner()
 
 
-def tiny_run(data, out, name, epochs=2, seed=0):
+def tiny_run(data, out, name, epochs=2, seed=0, *extra):
     cfg = load_config(
         None,
         [*TINY_OVERRIDES, f"train.epochs={epochs}", "optim.lr=0.05", f"train.seed={seed}", f"data.root={data}",
-         f"output_dir={out}", f"name={name}"],
+         f"output_dir={out}", f"name={name}", *extra],
     )  # fmt: skip
     return train(cfg).run_dir
 
@@ -68,6 +68,8 @@ def test_compare_times_caches_and_writes(two_runs, tmp_path):
         assert row.ms_batch1 > 0 and row.ms_batch64 > 0 and row.macs > 0 and row.params > 0
         assert row.receptive_field and row.epochs in (2, 3) and row.train_seconds > 0 and "sgd" in row.recipe
     assert len(first.pairs) == 1 and 0.0 <= first.pairs[0].p_value <= 1.0
+    # one network (architecture, input size) is timed once: its copies cannot differ by timing noise
+    assert (first.rows[0].ms_batch1, first.rows[0].ms_batch64) == (first.rows[1].ms_batch1, first.rows[1].ms_batch64)
     assert first.chosen in ("a", "b") and first.verdict.startswith(first.chosen)
     again = compare_runs([a, b], data, "test", latency=False)
     assert all(r.cached for r in again.rows)
@@ -137,3 +139,19 @@ def test_mismatched_classes_and_bad_options_exit_2(two_runs, tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and expected in result.output, (args, result.output)
     assert "lacks blue" in runner.invoke(app, cases["other classes"]).output
+
+
+def test_each_network_is_timed_once(two_runs, tmp_path, monkeypatch):
+    """a and b are one network; c is the same architecture at another input size, so another network."""
+    data, a, b = two_runs
+    c = tiny_run(data, tmp_path, "c", 1, 0, "preprocess.input_size=40")
+    timed = []
+
+    def fake_latency(model, size, batch, device):
+        timed.append((size, batch))
+        return float(len(timed))
+
+    monkeypatch.setattr("clothcli.analysis.flops.steady_latency", fake_latency)
+    rows = compare_runs([a, b, c], data, "test", use_cache=False).rows
+    assert [size[-1] for size, _ in timed] == [32, 32, 40, 40]
+    assert [(r.ms_batch1, r.ms_batch64) for r in rows] == [(1.0, 2.0), (1.0, 2.0), (3.0, 4.0)]

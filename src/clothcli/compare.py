@@ -206,8 +206,12 @@ def _training_summary(checkpoint: Path) -> tuple[float | None, int | None, str]:
     return seconds, epochs, recipe
 
 
-def _structure(run: Path, device: Any, latency: bool) -> dict[str, Any]:
-    """MACs, parameters and receptive field of the model as trained; latency of the model as it runs."""
+def _structure(run: Path, device: Any, latency: bool, timed: dict[tuple, tuple[float, float]]) -> dict[str, Any]:
+    """MACs, parameters and receptive field of the model as trained; latency of the model as it runs.
+
+    Latency is a property of the network, not of its weights: runs of one architecture at one input size
+    (same parameter and MAC counts) are timed once, through `timed`, so that timing noise cannot rank
+    two copies of one network (two MobileNetV3-Small runs measured 2.1 and 2.6 ms apart)."""
     from clothcli.analysis.flops import count, steady_latency
     from clothcli.analysis.rf import trace
     from clothcli.inference import load_for_inference
@@ -225,9 +229,14 @@ def _structure(run: Path, device: Any, latency: bool) -> dict[str, Any]:
         "receptive_field": int(max(field_rows.rf)) if field_rows is not None and field_rows.rf else None,
     }
     if latency:
-        running = load_for_inference(run, device)
-        out["ms_batch1"] = steady_latency(running.model, size, 1, device)
-        out["ms_batch64"] = steady_latency(running.model, size, LATENCY_BATCH, device)
+        network = (plain.arch, size, counted.params, counted.macs)
+        if network not in timed:
+            running = load_for_inference(run, device)
+            timed[network] = (
+                steady_latency(running.model, size, 1, device),
+                steady_latency(running.model, size, LATENCY_BATCH, device),
+            )
+        out["ms_batch1"], out["ms_batch64"] = timed[network]
     return out
 
 
@@ -322,7 +331,8 @@ def compare_runs(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        structures = [_structure(c, target, latency) for c in checkpoints]
+        timed: dict[tuple, tuple[float, float]] = {}
+        structures = [_structure(c, target, latency, timed) for c in checkpoints]
         used_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(default_threads)
@@ -406,7 +416,8 @@ def markdown_table(comparison: Comparison) -> str:
     """The comparison as a Markdown document: the table, the pairwise tests and the verdict."""
     lines = [
         f"Split `{comparison.split}` of `{comparison.data}`; latency on {comparison.device}, "
-        f"{comparison.threads} threads, median of repeated runs. ◆ on the Pareto front (accuracy against "
+        f"{comparison.threads} threads, median of repeated runs, once per network (architecture and input "
+        "size). ◆ on the Pareto front (accuracy against "
         "latency / against MACs). Reference rows were measured elsewhere and are not tested here.",
         "",
         "| model | arch | input | params | GMACs | RF px | accuracy [95% CI] | macro-F1 | ms/img b1 | ms/img b64 "
