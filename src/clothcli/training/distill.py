@@ -135,10 +135,11 @@ def load_teacher(
 
 
 def distillation_task(
-    cfg: Config, student: nn.Module, teacher: DistillationTeacher, loss_fn: nn.Module, pre: Preprocess, device: Any
+    cfg: Config, student: ResizedStudent, teacher: DistillationTeacher, loss_fn: nn.Module, device: Any
 ) -> LogitDistillationTask:
-    """timm's logit distillation around the (prepared) student, with the student's own loss as the task loss."""
-    task = LogitDistillationTask(
+    """timm's logit distillation around the (prepared, resized) student, with the student's own loss as the
+    task loss; timm takes the student's mean and std from its `pretrained_cfg`."""
+    return LogitDistillationTask(
         student,
         teacher,
         criterion=loss_fn,
@@ -148,9 +149,6 @@ def distillation_task(
         device=device,
         verbose=False,
     )
-    task.student_mean.copy_(torch.tensor(pre.mean).view(1, -1, 1, 1))
-    task.student_std.copy_(torch.tensor(pre.std).view(1, -1, 1, 1))
-    return task
 
 
 def teacher_seconds(task: LogitDistillationTask | None) -> float:

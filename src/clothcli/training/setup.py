@@ -157,7 +157,7 @@ def prepare(
     distill = None
     if teacher is not None:
         student = ResizedStudent(model, train_crop, pre, channels_last)
-        distill = distillation_task(cfg, student, teacher, loss_fn, pre, accelerator.device)
+        distill = distillation_task(cfg, student, teacher, loss_fn, accelerator.device)
     mix = _mixer(cfg, len(index.classes))
     return Setup(
         accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre, distill, mix
