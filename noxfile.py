@@ -12,6 +12,7 @@ nox.options.sessions = ["lint", "tests"]
 @nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("lint-imports")  # the layers and no-cycle contracts in pyproject.toml
 
 
 @nox.session(venv_backend="none")

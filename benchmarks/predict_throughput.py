@@ -5,13 +5,13 @@ The plain loop is what a tutorial writes: open each image with PIL, apply timm's
 settings; top-1 agreement between them is reported (clothcli resizes uint8 tensors with torch,
 which differs from PIL by one level at most).
 
-The same checkpoint exported to ONNX (and, with --calibration, to int8) runs through the same
+The same checkpoint exported to ONNX (and, with --int8-data, to int8) runs through the same
 command on ONNX Runtime, without PyTorch; its top-1 agreement with the PyTorch path is reported, and
 both paths are also timed on one image (start-up included), which is what a script calling
 `clothcli predict` once per photo waits for.
 
     python benchmarks/predict_throughput.py runs/mobilenet-cpu ../shared/datasets/clothing-dataset-small \
-        --calibration ../shared/datasets/clothing-dataset-small
+        --int8-data ../shared/datasets/clothing-dataset-small
     python benchmarks/predict_throughput.py --tiny     # generated images, tiny model (CI)
 """
 
@@ -32,10 +32,12 @@ from rich.console import Console
 from rich.table import Table
 from timm.data import create_transform
 
-from clothcli.checkpoint import load_checkpoint
+from clothcli.backends import load_classifier
 from clothcli.data.images import ImageReadError, load_rgb
-from clothcli.models import Preprocess
-from clothcli.predict import collect_inputs, predict_files
+from clothcli.data.inputs import collect_inputs
+from clothcli.data.preprocess import Preprocess
+from clothcli.engines.predict import predict_files
+from clothcli.models.checkpoint import load_checkpoint
 
 
 def plain_loop(checkpoint: Path, files: list[Path]) -> tuple[dict[str, str], float]:
@@ -60,7 +62,8 @@ def clothcli_batched(
     checkpoint: Path, files: list[Path], batch: int, workers: int, model_in_workers: bool | None = None
 ) -> tuple[dict[str, str], float]:
     start = time.perf_counter()
-    predictions = predict_files(checkpoint, files, batch, workers, model_in_workers=model_in_workers)
+    classifier = load_classifier(checkpoint, in_workers=model_in_workers)
+    predictions = predict_files(classifier, files, batch_size=batch, workers=workers)
     labels = {str(p.path): p.label for p in predictions if not p.error}
     return labels, time.perf_counter() - start
 
@@ -84,10 +87,12 @@ def whole_command(checkpoint: Path, inputs: list[str], out: Path) -> float:
 def onnx_models(checkpoint: Path, folder: Path, calibration: Path | None) -> dict[str, Path]:
     """The checkpoint exported to fp32 ONNX (and int8 with calibration data); empty without the extra."""
     try:
-        from clothcli.export import export_onnx, int8_path_for
+        from clothcli.engines.export import export_onnx, int8_path_for
     except ImportError:
         return {}
-    report = export_onnx(checkpoint, folder / "model.onnx", int8=calibration is not None, calibration_data=calibration)
+    report = export_onnx(
+        checkpoint=checkpoint, output=folder / "model.onnx", int8=calibration is not None, int8_data=calibration
+    )
     models = {"fp32": Path(report.path)}
     if report.int8 is not None:
         models["int8"] = int8_path_for(Path(report.path))
@@ -131,14 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/predict_throughput_cpu.json"))
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--calibration", type=Path, help="dataset folder: also export and time int8")
+    parser.add_argument("--int8-data", type=Path, help="dataset folder: also export and time int8")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the whole commands (median reported)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             args.checkpoint, data = make_tiny(Path(tmp))
             args.inputs, args.workers, args.batch, args.repeats = [str(data)], 0, 8, 1
-            args.calibration = data
+            args.int8_data = data
         if args.checkpoint is None or not args.inputs:
             parser.error("give CHECKPOINT and INPUTS, or --tiny")
         files = collect_inputs(args.inputs).files
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         in_process_s = clothcli_batched(args.checkpoint, files, args.batch, args.workers, model_in_workers=False)[1]
         batched, batched_s = clothcli_batched(args.checkpoint, files, args.batch, args.workers)
         one = [str(files[0])]
-        exported = onnx_models(args.checkpoint, Path(tmp), args.calibration)
+        exported = onnx_models(args.checkpoint, Path(tmp), args.int8_data)
         # every command in each round, rounds repeated: the host's drift reaches all of them alike
         commands = {"pytorch": args.checkpoint, **{f"onnx {kind}": model for kind, model in exported.items()}}
         runs: dict[str, list[float]] = {name: [] for name in commands}

@@ -79,7 +79,7 @@ def record(data: Path, weights: Path, out: Path, run_dir: Path, train: bool) -> 
     run("evaluate", str(run_dir), str(data), "--split", "validation", "--json", str(out / "evaluate.json"),
         "--markdown", str(out / "evaluate.md"), "--errors", str(out / "errors.csv"))  # fmt: skip
     onnx = out / "model.onnx"
-    export_text = run("export", str(run_dir), "-o", str(onnx), "--verify", str(data), "--int8", "--calibration",
+    export_text = run("export", str(run_dir), "-o", str(onnx), "--verify", str(data), "--int8", "--int8-data",
                       str(data), "--json", str(out / "export.json"))  # fmt: skip
     verified = [line for line in export_text.splitlines() if "agree" in line or "verif" in line.lower()]
     (out / "export-verification.txt").write_text("\n".join(verified) + "\n", encoding="utf-8")

@@ -67,7 +67,7 @@ def tiny_dataset(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _no_hub_probe(monkeypatch):
     """Tests never touch the network: the hub probe says 'offline'."""
-    monkeypatch.setattr("clothcli.models.hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("clothcli.models.build.hub_reachable", lambda *a, **k: False)
 
 
 @pytest.fixture(autouse=True)

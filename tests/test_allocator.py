@@ -6,7 +6,7 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
-from clothcli import cli
+from clothcli.cli import app
 
 PAGE_FAULTS = textwrap.dedent(
     """
@@ -48,6 +48,6 @@ def test_freed_memory_is_reused_without_page_faults():
 
 def test_every_command_starts_with_the_allocator_setting(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True))
-    result = CliRunner().invoke(cli.app, ["analyze-data", str(tmp_path / "missing")])
+    monkeypatch.setattr("clothcli.cli.application.keep_freed_memory", lambda: calls.append(True))
+    result = CliRunner().invoke(app, ["analyze-data", str(tmp_path / "missing")])
     assert result.exit_code == 2 and calls == [True]

@@ -4,7 +4,7 @@ import shutil
 from typer.testing import CliRunner
 
 from clothcli.cli import app
-from clothcli.data.analysis import analyze_dataset, balance_weights
+from clothcli.data.audit import analyze_dataset, balance_weights
 from conftest import make_dataset, make_image
 
 runner = CliRunner()

@@ -9,8 +9,8 @@ from torchvision.transforms.v2 import functional as F
 from clothcli.config import load_config
 from clothcli.data.batch_augment import BatchAugment, color_jitter
 from clothcli.data.loading import tensor_eval_transform, tensor_train_transform
+from clothcli.data.preprocess import Preprocess
 from clothcli.errors import UserError
-from clothcli.models import Preprocess
 from clothcli.training import train
 from conftest import TINY_OVERRIDES, comparable
 

@@ -12,7 +12,7 @@ from clothcli.data.loading import (
     tensor_eval_transform,
     tensor_train_transform,
 )
-from clothcli.models import Preprocess
+from clothcli.data.preprocess import Preprocess
 from conftest import make_image
 
 PRE = Preprocess(input_size=24, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.875)

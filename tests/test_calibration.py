@@ -6,11 +6,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clothcli.calibration import calibrate_checkpoint, calibration, fit_temperature
+from clothcli.backends import load_classifier
 from clothcli.cli import app
 from clothcli.config import load_config
-from clothcli.evaluation import evaluate_checkpoint
-from clothcli.predict import predict_files
+from clothcli.engines.calibrate import calibrate, fit_temperature
+from clothcli.engines.evaluate import evaluate
+from clothcli.engines.predict import predict_files
+from clothcli.metrics import calibration
 from clothcli.training import train
 from conftest import TINY_OVERRIDES
 
@@ -52,23 +54,23 @@ def run(tmp_path_factory):
 def test_calibrate_stores_a_temperature_that_evaluate_and_predict_use(run, tmp_path):
     run_dir, data = run
     weights = (run_dir / "best" / "model.safetensors").read_bytes()
-    raw = evaluate_checkpoint(run_dir, data, split="validation", workers=0)
+    raw = evaluate(model=run_dir, data=data, split="validation", workers=0)
     assert raw.temperature == 1.0 and set(raw.calibration) == {"ece", "nll", "brier"}
-    report = calibrate_checkpoint(run_dir, data, workers=0)
+    report = calibrate(model=run_dir, data=data, workers=0)
     assert set(report.splits) == {"validation", "test"}
     assert report.splits["validation"]["after"].nll <= report.splits["validation"]["before"].nll + 1e-6
     meta = json.loads((run_dir / "best" / "checkpoint.json").read_text())
     assert meta["temperature"] == pytest.approx(report.temperature) and meta["temperature_fitted_on"] == "validation"
     assert (run_dir / "best" / "model.safetensors").read_bytes() == weights  # the weights are untouched
-    scaled = evaluate_checkpoint(run_dir, data, split="validation", workers=0)
+    scaled = evaluate(model=run_dir, data=data, split="validation", workers=0)
     assert scaled.temperature == pytest.approx(report.temperature)
     assert scaled.calibration["nll"] == pytest.approx(report.splits["validation"]["after"].nll, abs=1e-4)
     assert [f["predicted"] for f in scaled.files] == [f["predicted"] for f in raw.files]  # T never changes a class
-    unscaled = evaluate_checkpoint(run_dir, data, split="validation", workers=0, calibrated=False)
+    unscaled = evaluate(model=run_dir, data=data, split="validation", workers=0, calibrated=False)
     assert unscaled.calibration == raw.calibration
     files = sorted((data / "test").rglob("*.jpg"))[:4]
-    top = [p.probs[0] for p in predict_files(run_dir, files, workers=0)]
-    plain = [p.probs[0] for p in predict_files(run_dir, files, workers=0, calibrated=False)]
+    top = [p.probs[0] for p in predict_files(load_classifier(run_dir), files, workers=0)]
+    plain = [p.probs[0] for p in predict_files(load_classifier(run_dir, calibrated=False), files, workers=0)]
     assert top != plain and all(abs(a - b) < 1 for a, b in zip(top, plain))
 
 
@@ -89,7 +91,7 @@ def test_cli_calibrate_and_its_bad_inputs(run, tmp_path):
 
 
 def test_a_perfectly_separated_set_has_auroc_1_and_no_false_positives():
-    from clothcli.ood import separation, threshold_for_recall
+    from clothcli.metrics import separation, threshold_for_recall
 
     inside = torch.tensor([[8.0, 0.0, 0.0]]).repeat(20, 1) + torch.linspace(0, 1, 20)[:, None]
     outside = torch.zeros(10, 3) + torch.linspace(0, 0.1, 10)[:, None]
@@ -99,7 +101,7 @@ def test_a_perfectly_separated_set_has_auroc_1_and_no_false_positives():
 
 
 def test_calibrate_with_ood_stores_the_threshold_predict_auto_rejects_with(run, tmp_path):
-    from clothcli.predict import run_predict
+    from clothcli.engines.predict import run_predict
     from conftest import make_image
 
     run_dir, data = run
@@ -112,23 +114,23 @@ def test_calibrate_with_ood_stores_the_threshold_predict_auto_rejects_with(run, 
         shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
     no_threshold = runner.invoke(app, ["predict", str(run_dir), str(folder), "--min-confidence", "auto"])
     assert no_threshold.exit_code == 2 and "calibrate RUN --ood" in no_threshold.output.replace("\n", " ")
-    report = calibrate_checkpoint(run_dir, data, workers=0, ood=ood, recall=0.9)
+    report = calibrate(model=run_dir, data=data, workers=0, ood=ood, recall=0.9)
     threshold = json.loads((run_dir / "best" / "checkpoint.json").read_text())["ood_threshold"]
     assert threshold == pytest.approx(report.rejection["threshold"]) and report.rejection["kept"]["validation"] >= 0.9
     sorted_to = tmp_path / "sorted"
-    summary = run_predict(run_dir, [str(folder)], workers=0, min_confidence="auto", copy_to=sorted_to)
+    summary = run_predict(model=run_dir, inputs=[str(folder)], workers=0, min_confidence="auto", copy_to=sorted_to)
     unknown = summary.per_class.get("unknown", 0)
     assert unknown > 0 and summary.classified == 12
     assert len(list((sorted_to / "unknown").iterdir())) == unknown
     bad = runner.invoke(app, ["predict", str(run_dir), str(folder), "--min-confidence", "auto", "--no-calibration"])
     assert bad.exit_code == 2 and "drop --no-calibration" in bad.output
-    evaluated = evaluate_checkpoint(run_dir, data, workers=0, ood=ood)
+    evaluated = evaluate(model=run_dir, data=data, workers=0, ood=ood)
     assert {r["score"] for r in evaluated.ood} == {"msp", "energy"} and all(0 <= r["auroc"] <= 1 for r in evaluated.ood)
 
 
 def test_the_stored_temperature_survives_a_resume_that_keeps_the_best_weights(run):
     run_dir, data = run
-    report = calibrate_checkpoint(run_dir, data, workers=0)
+    report = calibrate(model=run_dir, data=data, workers=0)
     before = (run_dir / "best" / "model.safetensors").read_bytes()
     train(None, resume=run_dir)  # the run is complete: nothing is retrained, best/ stays as calibrated
     assert (run_dir / "best" / "model.safetensors").read_bytes() == before

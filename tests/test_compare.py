@@ -8,13 +8,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from clothcli.cli import app
-from clothcli.compare import (
-    compare_runs,
-    mcnemar_exact,
-    pareto_front,
-    wilson_interval,
-)
 from clothcli.config import load_config
+from clothcli.engines.compare import cache_folder, compare_models
+from clothcli.engines.comparison import mcnemar_exact, pareto_front, wilson_interval
 from clothcli.training import train
 from conftest import TINY_OVERRIDES, make_dataset, make_image
 
@@ -61,7 +57,7 @@ def test_pareto_front():
 
 def test_compare_times_caches_and_writes(two_runs, tmp_path):
     data, a, b = two_runs
-    first = compare_runs([a, b], data, "test", threads=1)
+    first = compare_models(models=[a, b], data=data, split="test", threads=1)
     assert [r.name for r in first.rows] == ["a", "b"] and not any(r.cached for r in first.rows)
     for row in first.rows:
         assert row.n == 12 and 0 <= row.correct <= 12 and row.ci_low <= row.accuracy <= row.ci_high
@@ -71,10 +67,10 @@ def test_compare_times_caches_and_writes(two_runs, tmp_path):
     # one network (architecture, input size) is timed once: its copies cannot differ by timing noise
     assert (first.rows[0].ms_batch1, first.rows[0].ms_batch64) == (first.rows[1].ms_batch1, first.rows[1].ms_batch64)
     assert first.chosen in ("a", "b") and first.verdict.startswith(first.chosen)
-    again = compare_runs([a, b], data, "test", latency=False)
+    again = compare_models(models=[a, b], data=data, split="test", latency=False)
     assert all(r.cached for r in again.rows)
     assert [(r.correct, r.n) for r in again.rows] == [(r.correct, r.n) for r in first.rows]
-    assert compare_runs([a], data, "test", latency=False, use_cache=False).rows[0].cached is False
+    assert compare_models(models=[a], data=data, split="test", latency=False, use_cache=False).rows[0].cached is False
     result = runner.invoke(
         app,
         ["compare", str(a), str(b), "--data", str(data), "--no-latency", "-o", str(tmp_path / "t.md"),
@@ -96,25 +92,26 @@ def test_cache_follows_the_data_and_the_checkpoint(two_runs, tmp_path):
     copy_data, copy_run = tmp_path / "data", tmp_path / "a"
     shutil.copytree(data, copy_data)
     shutil.copytree(a, copy_run)
-    shutil.rmtree(copy_run / "compare-cache", ignore_errors=True)  # an identical copy would hit the cache
-    assert compare_runs([copy_run], copy_data, latency=False).rows[0].cached is False
-    assert compare_runs([copy_run], copy_data, latency=False).rows[0].cached is True
+    shutil.rmtree(cache_folder(), ignore_errors=True)  # the evaluations of `a` on the same images would be hits
+    assert compare_models(models=[copy_run], data=copy_data, latency=False).rows[0].cached is False
+    assert compare_models(models=[copy_run], data=copy_data, latency=False).rows[0].cached is True
     make_image(copy_data / "test" / "red" / "new.jpg", (200, 30, 30), seed=99)
-    changed_data = compare_runs([copy_run], copy_data, latency=False).rows[0]
+    changed_data = compare_models(models=[copy_run], data=copy_data, latency=False).rows[0]
     assert changed_data.cached is False and changed_data.n == 13
     weights = copy_run / "best" / "model.safetensors"
     state = load_file(str(weights))
     save_file({k: v * 1.01 if v.is_floating_point() else v for k, v in state.items()}, str(weights))
-    assert compare_runs([copy_run], copy_data, latency=False).rows[0].cached is False
-    assert compare_runs([copy_run], copy_data, latency=False).rows[0].cached is True
-    assert not (copy_run / "best" / "compare-cache").exists()  # never inside the checkpoint folder
+    assert compare_models(models=[copy_run], data=copy_data, latency=False).rows[0].cached is False
+    assert compare_models(models=[copy_run], data=copy_data, latency=False).rows[0].cached is True
+    # the cache is the user's (here the tests' private XDG_CACHE_HOME), never beside the model
+    assert any(cache_folder().iterdir()) and not any(p.name == "compare-cache" for p in copy_run.rglob("*"))
 
 
 def test_reference_rows_are_shown_apart(two_runs, tmp_path):
     data, a, _ = two_runs
     refs = tmp_path / "refs.yaml"
     refs.write_text("- {name: earlier, arch: resnet50, accuracy: 0.8844, macro_f1: 0.8573, macs: 4.1e9, source: x}\n")
-    result = compare_runs([a], data, latency=False, references=refs)
+    result = compare_models(models=[a], data=data, latency=False, references=refs)
     assert [r.reference for r in result.rows] == [False, True]
     assert result.rows[1].macs == 4.1e9 and result.pairs == [] and result.chosen == "a"
     bad = tmp_path / "bad.yaml"
@@ -147,11 +144,11 @@ def test_each_network_is_timed_once(two_runs, tmp_path, monkeypatch):
     c = tiny_run(data, tmp_path, "c", 1, 0, "preprocess.input_size=40")
     timed = []
 
-    def fake_latency(model, size, batch, device):
+    def fake_latency(classifier, size, batch):
         timed.append((size, batch))
         return float(len(timed))
 
-    monkeypatch.setattr("clothcli.analysis.flops.steady_latency", fake_latency)
-    rows = compare_runs([a, b, c], data, "test", use_cache=False).rows
+    monkeypatch.setattr("clothcli.engines.compare._latency_ms", fake_latency)
+    rows = compare_models(models=[a, b, c], data=data, split="test", use_cache=False).rows
     assert [size[-1] for size, _ in timed] == [32, 32, 40, 40]
     assert [(r.ms_batch1, r.ms_batch64) for r in rows] == [(1.0, 2.0), (1.0, 2.0), (3.0, 4.0)]

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from clothcli.cli import app
-from clothcli.data.analysis import analyze_dataset
+from clothcli.data.audit import analyze_dataset
 from clothcli.data.fix_split import fix_split
 from conftest import COLORS, make_dataset, make_image
 
@@ -27,7 +27,7 @@ def backbone(tmp_path):
 
 
 def test_flipped_labels_are_found(tmp_path, backbone):
-    from clothcli.data.label_issues import find_label_issues
+    from clothcli.engines.label_issues import find_label_issues
 
     root = make_dataset(tmp_path / "data", {"train": 20, "validation": 5, "test": 5})
     flipped = []

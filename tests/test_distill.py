@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from clothcli.cli import app
 from clothcli.config import load_config
-from clothcli.inference import load_for_inference
+from clothcli.models.loading import load_for_inference
 from clothcli.training import SilentReporter, prepare, train
 from conftest import TINY_OVERRIDES, comparable, make_dataset
 
@@ -82,7 +82,7 @@ def test_the_loss_is_timms_logit_distillation_on_the_teachers_view(teacher, tmp_
     assert setup.pre.input_size == 32
     images, targets, _, _ = next(iter(setup.train_loader))
     assert images.shape[-2:] == (views or 40, views or 40)
-    out = setup.distill(images, targets)
+    out = setup.task(images, targets)
     logits = teacher_logits(run, images, setup.pre, 40, (0.5,) * 3, (0.25,) * 3)
     expected = expected_loss(setup, images, targets, logits, 0.7, 3)
     assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-4)
@@ -100,7 +100,7 @@ def test_an_ensemble_of_teachers_averages_their_logits(teacher, tmp_path):
     setup = prepare(cfg)
     images, targets, _, _ = next(iter(setup.train_loader))
     assert images.shape[-1] == 40  # the larger teacher's side
-    out = setup.distill(images, targets)
+    out = setup.task(images, targets)
     mean = tuple(setup.pre.mean)
     logits = (
         teacher_logits(run, images, setup.pre, 40, (0.5,) * 3, (0.25,) * 3)

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clothcli.checkpoint import load_checkpoint
 from clothcli.io_utils import FAULT_DELAY_ENV
+from clothcli.models.checkpoint import load_checkpoint
 from conftest import TINY_OVERRIDES, comparable, make_dataset
 
 pytestmark = pytest.mark.slow
@@ -156,8 +156,8 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(tmp_pat
 
     from typer.testing import CliRunner
 
-    from clothcli import checkpoint
     from clothcli.cli import app
+    from clothcli.models import checkpoint
 
     data = make_dataset(tmp_path / "data")
     runner = CliRunner()
@@ -189,7 +189,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(tmp_pat
 def test_runs_started_together_with_one_name_get_their_own_folders(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from clothcli.run_folder import create_run_dir
+    from clothcli.training.run_folder import create_run_dir
 
     with ThreadPoolExecutor(8) as pool:
         made = list(pool.map(lambda _: create_run_dir(tmp_path / "t", "same"), range(16)))

@@ -4,7 +4,7 @@ import timm
 import torch
 from torch import nn
 
-from clothcli.fusion import fuse_batchnorm, prepare_for_inference
+from clothcli.models.fusion import fuse_batchnorm, prepare_for_inference
 
 
 def _randomise_norms(model: nn.Module) -> nn.Module:

@@ -38,9 +38,7 @@ def test_the_step_trains_on_mixed_images_with_soft_targets(tmp_path):
     smoothed = soft * 0.9 + 0.1 / 3
     expected = -(smoothed * F.log_softmax(logits, 1)).sum(1).mean()
     np.random.seed(0)
-    _, loss, counted = training_step(
-        setup.accelerator, setup.model, setup.optimizer, setup.loss_fn, images, targets, False, None, None, setup.mix
-    )
+    _, loss, counted = training_step(setup, images, targets)
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-4)
     assert torch.equal(counted, soft.argmax(1))
 

@@ -11,14 +11,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from clothcli.checkpoint import load_checkpoint
+from clothcli.backends import load_classifier
 from clothcli.cli import app
 from clothcli.config import load_config
 from clothcli.data.images import ImageReadError, load_rgb
+from clothcli.data.inputs import collect_inputs
 from clothcli.data.loading import ImageFiles, decode_size, eval_transform
+from clothcli.data.preprocess import Preprocess
+from clothcli.engines.predict import predict_files, run_predict
 from clothcli.errors import UserError
-from clothcli.models import Preprocess
-from clothcli.predict import collect_inputs, predict_files, run_predict
+from clothcli.models.checkpoint import load_checkpoint
 from clothcli.training import train
 from conftest import COLORS, TINY_OVERRIDES, make_dataset, make_image
 
@@ -106,7 +108,7 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
 def test_every_kind_is_classified_and_broken_ones_reported(checkpoint, tmp_path):
     files = every_kind(tmp_path / "in")
     out = tmp_path / "out.csv"
-    summary = run_predict(checkpoint, [str(tmp_path / "in")], output=out, workers=2, batch_size=4)
+    summary = run_predict(model=checkpoint, inputs=[str(tmp_path / "in")], output=out, workers=2, batch_size=4)
     assert summary.total == len(files)
     assert summary.classified == len(files) - len(BROKEN)
     reasons = {Path(p).name: r for p, r in summary.errors}
@@ -120,11 +122,18 @@ def test_every_kind_is_classified_and_broken_ones_reported(checkpoint, tmp_path)
     assert sum(r["label"] == "red" for r in rows) >= 10
 
 
+def uint8_classifier(checkpoint: Path):
+    from clothcli.backends.pytorch import TorchClassifier
+    from clothcli.models.loading import load_for_inference
+
+    return TorchClassifier(load_for_inference(checkpoint), uint8_transfer=True)
+
+
 def test_uint8_transfer_gives_the_same_outputs(checkpoint, tmp_path):
     """The GPU path (uint8 batches normalised on the device), exercised on the CPU."""
     files = sorted(every_kind(tmp_path / "in").values())
-    plain = list(predict_files(checkpoint, files, batch_size=4, workers=0, top_k=3))
-    shipped = list(predict_files(checkpoint, files, batch_size=4, workers=0, top_k=3, uint8_transfer=True))
+    plain = list(predict_files(load_classifier(checkpoint), files, batch_size=4, workers=0, top_k=3))
+    shipped = list(predict_files(uint8_classifier(checkpoint), files, batch_size=4, workers=0, top_k=3))
     assert [(p.labels, p.error) for p in plain] == [(p.labels, p.error) for p in shipped]
     for a, b in zip(plain, shipped):
         assert all(abs(x - y) < 1e-5 for x, y in zip(a.probs, b.probs))
@@ -134,7 +143,7 @@ def test_probabilities_are_the_checkpoints_own_model_on_its_preprocessing(checkp
     """predict folds batch norm and runs channels_last; its probabilities must still be those of the
     checkpoint's model, unfused, on the checkpoint's eval preprocessing."""
     files = sorted(make_image(tmp_path / f"{name}.png", color, (50, 30)) for name, color in COLORS.items())
-    predictions = list(predict_files(checkpoint, files, batch_size=2, workers=0, top_k=3))
+    predictions = list(predict_files(load_classifier(checkpoint), files, batch_size=2, workers=0, top_k=3))
     model, meta = load_checkpoint(checkpoint)
     pre = Preprocess.from_dict(meta["preprocess"])
     dataset = ImageFiles([(path, 0) for path in files], eval_transform(pre), decode_size(pre))
@@ -150,13 +159,15 @@ def test_model_in_workers_gives_the_same_outputs(checkpoint, tmp_path):
     """The CPU default with workers (each worker decodes and classifies) against the model in this
     process, on every file kind including the unreadable ones."""
     files = sorted(every_kind(tmp_path / "in").values())
-    here = list(predict_files(checkpoint, files, batch_size=4, workers=2, top_k=3, model_in_workers=False))
-    in_workers = list(predict_files(checkpoint, files, batch_size=4, workers=2, top_k=3, model_in_workers=True))
+    here = list(predict_files(load_classifier(checkpoint, in_workers=False), files, batch_size=4, workers=2, top_k=3))
+    in_workers = list(
+        predict_files(load_classifier(checkpoint, in_workers=True), files, batch_size=4, workers=2, top_k=3)
+    )
     assert [(p.path, p.labels, p.error) for p in here] == [(p.path, p.labels, p.error) for p in in_workers]
     for a, b in zip(here, in_workers):
         assert all(abs(x - y) < 1e-5 for x, y in zip(a.probs, b.probs))
     with pytest.raises(UserError, match="at least one worker"):
-        next(predict_files(checkpoint, files, workers=0, model_in_workers=True))
+        next(predict_files(load_classifier(checkpoint, in_workers=True), files, workers=0))
 
 
 def test_model_in_workers_does_not_hang_after_the_parent_used_openmp(checkpoint, tmp_path):
@@ -166,11 +177,12 @@ def test_model_in_workers_does_not_hang_after_the_parent_used_openmp(checkpoint,
     script = (
         "import sys, torch\n"
         "from pathlib import Path\n"
-        "from clothcli.predict import predict_files\n"
+        "from clothcli.backends import load_classifier\n"
+        "from clothcli.engines.predict import predict_files\n"
         "torch.set_num_threads(2)\n"
         "torch.nn.functional.conv2d(torch.randn(4, 32, 64, 64), torch.randn(32, 32, 3, 3)).sum()\n"
         "files = [Path(p) for p in sys.argv[2:]]\n"
-        "found = list(predict_files(sys.argv[1], files, batch_size=2, workers=1, model_in_workers=True))\n"
+        "found = list(predict_files(load_classifier(sys.argv[1], in_workers=True), files, batch_size=2, workers=1))\n"
         "print(sum(not p.error for p in found))\n"
     )
     proc = subprocess.run(
@@ -201,7 +213,9 @@ def test_json_jsonl_topk_and_unknown(checkpoint, tmp_path):
     files = [make_image(tmp_path / "in" / f"{i}.jpg", COLORS["green"], seed=i) for i in range(5)]
     for ext in ("json", "jsonl"):
         out = tmp_path / f"r.{ext}"
-        run_predict(checkpoint, [str(tmp_path / "in")], output=out, top_k=3, min_confidence=0.999, workers=0)
+        run_predict(
+            model=checkpoint, inputs=[str(tmp_path / "in")], output=out, top_k=3, min_confidence=0.999, workers=0
+        )
         text = out.read_text()
         records = json.loads(text) if ext == "json" else [json.loads(line) for line in text.splitlines()]
         assert len(records) == len(files)
@@ -217,12 +231,12 @@ def test_copy_and_move_never_overwrite_or_lose(checkpoint, tmp_path):
     make_image(src / "two" / "x.jpg", COLORS["red"], seed=2)
     (src / "bad.jpg").write_bytes(b"")
     dest = tmp_path / "sorted"
-    run_predict(checkpoint, [str(src)], copy_to=dest, workers=0)
+    run_predict(model=checkpoint, inputs=[str(src)], copy_to=dest, workers=0)
     copied = sorted(p.name for p in dest.rglob("*.jpg"))
     assert copied == ["x-1.jpg", "x.jpg"]
     assert (src / "one" / "x.jpg").exists()
     before = sorted(p.read_bytes() for p in dest.rglob("*.jpg"))
-    summary = run_predict(checkpoint, [str(src)], move_to=dest, workers=0)
+    summary = run_predict(model=checkpoint, inputs=[str(src)], move_to=dest, workers=0)
     assert summary.classified == 2
     assert sorted(p.name for p in dest.rglob("*.jpg")) == ["x-1.jpg", "x-2.jpg", "x-3.jpg", "x.jpg"]
     assert not (src / "one" / "x.jpg").exists() and (src / "bad.jpg").exists()
@@ -262,7 +276,7 @@ def test_interrupted_predict_resumes_to_the_file_an_uninterrupted_run_writes(che
     folder = _mixed_folder(tmp_path / "imgs")
     options = {"workers": 0, "batch_size": 4, "top_k": 2}
     full = tmp_path / f"full.{suffix}"
-    run_predict(checkpoint, [str(folder)], output=full, **options)
+    run_predict(model=checkpoint, inputs=[str(folder)], output=full, **options)
     cut = tmp_path / f"cut.{suffix}"
     seen = []
 
@@ -272,15 +286,17 @@ def test_interrupted_predict_resumes_to_the_file_an_uninterrupted_run_writes(che
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_predict(checkpoint, [str(folder)], output=cut, on_result=interrupt_after_eleven, **options)
+        run_predict(model=checkpoint, inputs=[str(folder)], output=cut, on_result=interrupt_after_eleven, **options)
     with open(cut, "a", encoding="utf-8") as fh:
         fh.write(f"{folder}/011.jpg,re")  # a kill in the middle of the next row
     classified = []
-    summary = run_predict(checkpoint, [str(folder)], output=cut, on_result=classified.append, resume=True, **options)
+    summary = run_predict(
+        model=checkpoint, inputs=[str(folder)], output=cut, on_result=classified.append, resume=True, **options
+    )
     assert summary.already_done == 11 and len(classified) == 31 - 11
     assert cut.read_bytes() == full.read_bytes()
     # resuming a finished file classifies nothing and changes nothing
-    again = run_predict(checkpoint, [str(folder)], output=cut, resume=True, **options)
+    again = run_predict(model=checkpoint, inputs=[str(folder)], output=cut, resume=True, **options)
     assert again.already_done == 31 and again.total == 0 and cut.read_bytes() == full.read_bytes()
 
 
@@ -309,7 +325,7 @@ def test_predict_killed_part_way_resumes_without_classifying_again(checkpoint, t
 def test_predict_resume_refuses_what_it_cannot_continue(checkpoint, tmp_path):
     folder = _mixed_folder(tmp_path / "imgs", n=3)
     (tmp_path / "a.json").write_text("[\n  {")
-    run_predict(checkpoint, [str(folder)], output=tmp_path / "top1.csv", workers=0)
+    run_predict(model=checkpoint, inputs=[str(folder)], output=tmp_path / "top1.csv", workers=0)
     cases = [
         ([], "give it with -o"),
         (["-o", str(tmp_path / "a.json")], ".csv or .jsonl"),

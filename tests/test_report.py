@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from clothcli.cli import app
 from clothcli.config import load_config
-from clothcli.report import build_report
+from clothcli.engines.html_report import build_report
 from clothcli.training import train
 from conftest import TINY_OVERRIDES, make_dataset
 
@@ -35,7 +35,7 @@ def trained(tmp_path_factory):
 def page(trained, tmp_path_factory):
     run, data = trained
     out = tmp_path_factory.mktemp("page") / "report.html"
-    result = build_report(run, data, out, per_class=3, mistakes=5)
+    result = build_report(model=run, data=data, output=out, per_class=3, mistakes=5)
     return out, result
 
 
@@ -58,7 +58,7 @@ def test_report_is_self_contained_with_every_section(page):
 
 def test_report_without_data_uses_the_runs_dataset_and_skips_the_audit(trained, tmp_path):
     run, _ = trained
-    result = build_report(run, None, tmp_path / "r.html", per_class=1, mistakes=0)
+    result = build_report(model=run, data=None, output=tmp_path / "r.html", per_class=1, mistakes=0)
     assert not result.audited and 'id="audit"' not in (tmp_path / "r.html").read_text()
 
 

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from clothcli.checkpoint import load_checkpoint
 from clothcli.cli import app
 from clothcli.config import ModelConfig, load_config
 from clothcli.errors import UserError
-from clothcli.models import build_model
+from clothcli.models.build import build_model
+from clothcli.models.checkpoint import load_checkpoint
 from clothcli.training import SilentReporter, prepare, train
 from conftest import TINY_OVERRIDES, comparable
 
@@ -217,7 +217,7 @@ def test_checkpoint_write_is_atomic(tiny_dataset, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    from clothcli import checkpoint
+    from clothcli.models import checkpoint
 
     monkeypatch.setattr(checkpoint, "save_file", crash)
     model, meta = load_checkpoint(best)
@@ -307,7 +307,7 @@ def test_hub_transport_failure_is_reported(tmp_path, monkeypatch):
 
     from clothcli.errors import UserError
 
-    monkeypatch.setattr("clothcli.models.hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr("clothcli.models.build.hub_reachable", lambda *a, **k: True)
 
     def broken(*args, **kwargs):
         raise ConnectionError("connection reset by peer")
@@ -390,19 +390,19 @@ def test_evaluate_unknown_class_is_an_error(tiny_dataset, tmp_path):
 def test_evaluate_reports_unreadable(tiny_dataset, tmp_path):
     result = train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=1))
     (tiny_dataset / "test" / "red" / "broken.jpg").write_bytes(b"\xff\xd8garbage")
-    from clothcli.evaluation import evaluate_checkpoint
+    from clothcli.engines.evaluate import evaluate
 
-    report = evaluate_checkpoint(result.run_dir, tiny_dataset, workers=0)
+    report = evaluate(model=result.run_dir, data=tiny_dataset, workers=0)
     assert report.n == 12
     assert [u["path"].endswith("broken.jpg") for u in report.unreadable] == [True]
 
 
 def test_evaluate_at_another_test_size(tiny_dataset, tmp_path):
     result = train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=1))
-    from clothcli.evaluation import evaluate_checkpoint
+    from clothcli.engines.evaluate import evaluate
 
-    trained = evaluate_checkpoint(result.run_dir, tiny_dataset, workers=0)
-    larger = evaluate_checkpoint(result.run_dir, tiny_dataset, workers=0, input_size=48, crop_pct=1.0)
+    trained = evaluate(model=result.run_dir, data=tiny_dataset, workers=0)
+    larger = evaluate(model=result.run_dir, data=tiny_dataset, workers=0, input_size=48, crop_pct=1.0)
     assert trained.preprocess["input_size"] == 32
     assert larger.preprocess["input_size"] == 48 and larger.preprocess["crop_pct"] == 1.0
     assert larger.n == trained.n == 12

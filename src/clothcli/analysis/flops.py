@@ -16,7 +16,6 @@ Two counts:
 from __future__ import annotations
 
 import math
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from clothcli.analysis.tracking import ModuleTracking
+from clothcli.timing import steady_seconds
 
 MATMUL_OPS = {
     "convolution",
@@ -290,30 +290,17 @@ def count(model: nn.Module, input_size: tuple[int, int, int], depth: int = 2, na
 def steady_latency(
     model: Any, input_size: tuple[int, int, int], batch: int, device: Any, warmup_s: float = 0.3, measure_s: float = 1.0
 ) -> float:
-    """Milliseconds per image at `batch`: the median of repeated timed runs, after warm-up runs that fill at
-    least `warmup_s` (thread pools, allocator, oneDNN's kernel choice), repeated for at least `measure_s`
-    and 5 times. Five fixed runs left two copies of one architecture 40% apart at batch 1."""
+    """Milliseconds per image at `batch` (`timing.steady_seconds` of one forward pass, GPU work included)."""
     device = torch.device(device)
     images = torch.randn(batch, *input_size, device=device).contiguous(memory_format=torch.channels_last)
 
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+    def once() -> None:
         model(images)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - start
 
     with torch.inference_mode():
-        began = time.perf_counter()
-        while time.perf_counter() - began < warmup_s:
-            once()
-        timings: list[float] = []
-        began = time.perf_counter()
-        while len(timings) < 5 or time.perf_counter() - began < measure_s:
-            timings.append(once())
-    return sorted(timings)[len(timings) // 2] / batch * 1000
+        return steady_seconds(once, warmup_s, measure_s) / batch * 1000
 
 
 def measure_latency(

@@ -40,7 +40,7 @@ def load_model_spec(source: str, input_size: int | None = None) -> ModelSpec:
     if path.exists():
         if path.suffix.lower() in (".yaml", ".yml"):
             from clothcli.config import load_config
-            from clothcli.models import build_model
+            from clothcli.models.build import build_model
 
             cfg = load_config(path)
             # the architecture as checkpoints hold it: no starting weights, nothing frozen
@@ -49,7 +49,7 @@ def load_model_spec(source: str, input_size: int | None = None) -> ModelSpec:
             default = cfg.preprocess.input_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
             spec = ModelSpec(model, (3, int(default), int(default)), f"{cfg.model.name} (from {path.name})")
         else:
-            from clothcli.inference import load_for_inference
+            from clothcli.models.loading import load_for_inference
 
             loaded = load_for_inference(path, "cpu", fold=False)
             size = loaded.preprocess.input_size
@@ -66,7 +66,7 @@ def load_model_spec(source: str, input_size: int | None = None) -> ModelSpec:
         if source in torchvision.models.list_models():
             spec = _torchvision(source)
         else:
-            from clothcli.models import check_architecture
+            from clothcli.models.build import check_architecture
 
             check_architecture(source)  # raises with the closest timm names
             raise AssertionError("unreachable")

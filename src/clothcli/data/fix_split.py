@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clothcli.data.analysis import DatasetAnalysis, analyze_dataset
+from clothcli.data.audit import DatasetAnalysis, analyze_dataset
 from clothcli.errors import UserError
 from clothcli.io_utils import atomic_write_text
 

@@ -114,6 +114,14 @@ def find_split_dir(root: Path, split: str) -> Path | None:
     return None
 
 
+def resolve_eval_folder(data: str | Path, split: str) -> Path:
+    """`data/<split>` when `data` is a dataset folder, else `data` itself (laid out by class)."""
+    data = Path(data)
+    if not data.is_dir():
+        raise UserError(f"data folder not found: {data}")
+    return find_split_dir(data, split) or data
+
+
 def class_dirs(split_dir: Path) -> list[Path]:
     """Visible sub-folders of a split, sorted by name."""
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not is_hidden(p.name))

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clothcli.config import AugmentConfig
 from clothcli.data.images import ImageReadError, load_rgb
-from clothcli.models import Preprocess
+from clothcli.data.preprocess import Preprocess
 from clothcli.runtime import resolve_device
 
 IGNORE_INDEX = -1

@@ -24,8 +24,8 @@ from clothcli.data.loading import (
     tensor_train_transform,
     train_transform,
 )
+from clothcli.data.preprocess import Preprocess
 from clothcli.errors import UserError
-from clothcli.models import Preprocess
 
 
 class Messages(Protocol):

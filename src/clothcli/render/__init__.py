@@ -1,18 +1,9 @@
 """Rich rendering of results: tables, progress bars, messages. No computation happens here."""
 
+from clothcli.render.audit import analysis, label_issues, split_fix
 from clothcli.render.console import console, download_bar, err_console, error, note, progress_bar, warn
-from clothcli.render.reports import (
-    analysis,
-    calibration,
-    comparison,
-    evaluation,
-    export_report,
-    flops,
-    label_issues,
-    predictions,
-    receptive_fields,
-    split_fix,
-)
+from clothcli.render.network import flops, receptive_fields
+from clothcli.render.results import calibration, comparison, evaluation, export_report, predictions
 from clothcli.render.training import TrainProgress, sparkline, train_summary, tuning
 
 __all__ = [

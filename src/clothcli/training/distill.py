@@ -26,8 +26,8 @@ from torch.nn import functional as F
 
 from clothcli.config import Config
 from clothcli.data.layout import class_difference
+from clothcli.data.preprocess import Preprocess
 from clothcli.errors import UserError
-from clothcli.models import Preprocess
 
 
 @dataclass
@@ -111,7 +111,7 @@ def load_teacher(
     """The teachers named by `distill.teacher`, wrapped for timm, and their InferenceModels (for their
     metadata). The wrapper gets the student's normalisation, so timm's renormalisation is the identity
     and each teacher renormalises for itself."""
-    from clothcli.inference import load_for_inference
+    from clothcli.models.loading import load_for_inference
 
     loaded = []
     for path in teacher_paths(cfg):
@@ -151,6 +151,6 @@ def distillation_task(
     )
 
 
-def teacher_seconds(task: LogitDistillationTask | None) -> float:
-    """The teachers' forward time so far (0 without distillation)."""
-    return task.teacher.model.seconds if task is not None else 0.0
+def teacher_seconds(task: nn.Module) -> float:
+    """The teachers' forward time so far (0 for a task without teachers)."""
+    return task.teacher.model.seconds if isinstance(task, LogitDistillationTask) else 0.0

@@ -26,10 +26,12 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from clothcli.checkpoint import save_checkpoint
 from clothcli.config import Config, save_config
 from clothcli.data.loading import IGNORE_INDEX
-from clothcli.run_folder import (
+from clothcli.models.checkpoint import save_checkpoint
+from clothcli.runtime import describe_hardware, plain_model
+from clothcli.training.distill import teacher_seconds
+from clothcli.training.run_folder import (
     CONFIG_FILE,
     STATE_DIR,
     TrainerState,
@@ -42,8 +44,6 @@ from clothcli.run_folder import (
     save_state,
     without_nan,
 )
-from clothcli.runtime import describe_hardware, plain_model
-from clothcli.training.distill import teacher_seconds
 from clothcli.training.setup import (
     NO_VALIDATION,
     Reporter,
@@ -207,12 +207,12 @@ class _Loop:
             for group in s.optimizer.param_groups:
                 group["lr"] = cfg.train.swa.lr
         scheduler = None if in_swa and cfg.train.swa.lr else self.scheduler
-        teacher_before = teacher_seconds(s.distill)
+        teacher_before = teacher_seconds(s.task)
         row, first_step = _train_one_epoch(
             epoch, cfg, s, self.ema, scheduler, self.updates_done(epoch - 1), self.reporter, self.unreadable
         )
-        if s.distill is not None:
-            row["teacher_seconds"] = round(teacher_seconds(s.distill) - teacher_before, 3)
+        if s.distilling:
+            row["teacher_seconds"] = round(teacher_seconds(s.task) - teacher_before, 3)
             self.reporter.message(f"teacher: {row['teacher_seconds']:.1f}s of the epoch's {row['seconds']:.1f}s")
         if cfg.train.compile and self.compile_seconds is None and first_step is not None:
             self.compile_seconds = first_step
@@ -306,18 +306,7 @@ def _train_one_epoch(
             if e:
                 unreadable[i] = e
         step_start = time.perf_counter()
-        logits, loss, targets = training_step(
-            accelerator,
-            model,
-            optimizer,
-            setup.loss_fn,
-            images,
-            targets,
-            setup.channels_last,
-            cfg.train.clip_grad,
-            setup.distill,
-            setup.mix,
-        )
+        logits, loss, targets = training_step(setup, images, targets, cfg.train.clip_grad)
         if first_step_seconds is None:
             first_step_seconds = time.perf_counter() - step_start
         if accelerator.sync_gradients:

@@ -12,16 +12,18 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
+from timm.task import ClassificationTask
 from torch import nn
+from torchmetrics.functional.classification import multiclass_f1_score
 
 from clothcli.config import Config
 from clothcli.data.batch_augment import BatchAugment, TransformedBatches
 from clothcli.data.layout import index_dataset
 from clothcli.data.loading import IGNORE_INDEX, crop_size, sub_seed
 from clothcli.data.pipeline import TrainingData, build_training_data
+from clothcli.data.preprocess import Preprocess
 from clothcli.errors import UserError
-from clothcli.metrics import macro_f1
-from clothcli.models import Preprocess, build_model, resolve_preprocess
+from clothcli.models.build import build_model, resolve_preprocess
 from clothcli.runtime import check_compile_backend, make_accelerator, predict_batches, resolve_device
 from clothcli.training.distill import ResizedStudent, distillation_task, load_teacher, view_size
 from clothcli.training.tracking import check_trackers, tracker_names
@@ -77,10 +79,15 @@ class Setup:
     channels_last: bool
     data: TrainingData
     pre: Preprocess
-    # with distill.teacher: timm's logit distillation task around `model` (the teacher is not trained)
-    distill: Any | None = None
+    # timm's task around `model`: its forward gives the logits and the loss. ClassificationTask, or
+    # with distill.teacher LogitDistillationTask (the teacher is not trained)
+    task: nn.Module
     # with augment.mixup or augment.cutmix: timm's Mixup, applied to each training batch
     mix: Any | None = None
+
+    @property
+    def distilling(self) -> bool:
+        return not isinstance(self.task, ClassificationTask)
 
 
 def prepare(
@@ -154,14 +161,27 @@ def prepare(
         if val_loader is not None:
             val_loader = TransformedBatches(val_loader, BatchAugment(pre.mean, pre.std))
     loss_fn = _loss_fn(cfg, data.class_counts, accelerator.device)
-    distill = None
     if teacher is not None:
         student = ResizedStudent(model, train_crop, pre, channels_last)
-        distill = distillation_task(cfg, student, teacher, loss_fn, accelerator.device)
+        task = distillation_task(cfg, student, teacher, loss_fn, accelerator.device)
+    else:
+        task = ClassificationTask(model, criterion=FloatLoss(loss_fn), verbose=False)
     mix = _mixer(cfg, len(index.classes))
     return Setup(
-        accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre, distill, mix
+        accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre, task, mix
     )
+
+
+class FloatLoss(nn.Module):
+    """The loss on float32 logits: under bf16 autocast the model's logits are bf16, and the loss of
+    those would round away what label smoothing and small margins contribute."""
+
+    def __init__(self, loss_fn: nn.Module):
+        super().__init__()
+        self.loss_fn = loss_fn
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(logits.float(), targets)
 
 
 def _mixer(cfg: Config, num_classes: int) -> Any | None:
@@ -201,7 +221,7 @@ def validate(
     return {
         "val_loss": float(nn.functional.cross_entropy(logits, targets)),
         "val_acc": float((preds == targets).float().mean()),
-        "val_f1": macro_f1(preds, targets, num_classes),
+        "val_f1": float(multiclass_f1_score(preds, targets, num_classes=num_classes, average="macro", zero_division=0)),
     }
 
 
@@ -214,41 +234,30 @@ def is_better(value: float, best: float | None, monitor: str) -> bool:
 
 
 def training_step(
-    accelerator: Accelerator,
-    model: nn.Module,
-    optimizer: Any,
-    loss_fn: nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    channels_last: bool,
-    clip_grad: float | None,
-    distill: Any | None = None,
-    mix: Any | None = None,
+    setup: Setup, images: torch.Tensor, targets: torch.Tensor, clip_grad: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward, backward, clip and (when accumulation allows) step: shared by train and tune. With
-    `distill` (timm's LogitDistillationTask around `model`), the loss includes the teacher's term; with
-    `mix` (timm's Mixup), the batch is mixed first and the teacher sees the mixed images.
+    """Forward through the setup's timm task, backward, clip and (when accumulation allows) step: the one
+    step of train, the learning-rate range test and the speed search. With a distillation task the loss
+    includes the teacher's term; with `setup.mix` (timm's Mixup) the batch is mixed first and the
+    teacher sees the mixed images.
 
     Returns the logits, the loss and the class each row of the logits counts as for training accuracy
     (under mixing, the image with the larger weight)."""
-    if mix is not None:
-        images, soft = mix_batch(mix, images, targets)
+    accelerator, model = setup.accelerator, setup.model
+    if setup.mix is not None:
+        images, soft = mix_batch(setup.mix, images, targets)
         targets, counted = soft, soft.argmax(1)
     else:
         counted = targets
-    if channels_last:
+    if setup.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            if distill is not None:
-                out = distill(images, targets)
-                logits, loss = out["output"], out["loss"]
-            else:
-                logits = model(images)
-                loss = loss_fn(logits.float(), targets)
+            out = setup.task(images, targets)
+            logits, loss = out["output"], out["loss"]
         accelerator.backward(loss)
         if accelerator.sync_gradients and clip_grad:
             accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        setup.optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
     return logits, loss, counted

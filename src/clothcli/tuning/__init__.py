@@ -16,12 +16,12 @@ from typing import Any
 
 from clothcli.config import Config
 from clothcli.errors import UserError
+from clothcli.render import plots
 from clothcli.training.setup import Reporter, SilentReporter
 from clothcli.tuning.range_test import (
     RangeTest,
     lr_for_training,
     lr_range_test,
-    plot_range_test,
     scale_lr,
     steepest,
     suggest,
@@ -51,7 +51,6 @@ __all__ = [
     "largest_batch_for_dataset",
     "lr_for_training",
     "lr_range_test",
-    "plot_range_test",
     "run_tune",
     "scale_lr",
     "steepest",
@@ -116,7 +115,7 @@ def run_tune(cfg: Config, options: TuneOptions, reporter: Reporter | None = None
         test_cfg.train.grad_accum = 1
         result = lr_range_test(test_cfg, options.min_lr, options.max_lr, options.steps, reporter=reporter)
         if options.plot is not None:
-            plot_range_test(result, options.plot)
+            plots.lr_range_test(result, options.plot)
             plot = options.plot
         best_batch = search.best if search else None
         suggested_lr = lr_for_training(result, cfg.train.batch_size, cfg.train.grad_accum, cfg.optim.name, best_batch)

@@ -8,7 +8,6 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -137,18 +136,7 @@ def lr_range_test(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, targets, _, _ = next(batches)
-            _, loss, _ = training_step(
-                setup.accelerator,
-                model,
-                optimizer,
-                setup.loss_fn,
-                images,
-                targets,
-                setup.channels_last,
-                cfg.train.clip_grad,
-                setup.distill,
-                setup.mix,
-            )
+            _, loss, _ = training_step(setup, images, targets, cfg.train.clip_grad)
             value = float(loss.detach())
             if not math.isfinite(value):
                 stopped = True
@@ -214,32 +202,3 @@ def lr_for_training(
     effective = (chosen_batch or per_step_batch) * grad_accum
     scaled = scale_lr(result.suggested_lr, result.batch_size, effective, optimizer)
     return min(scaled, result.lrs[int(np.argmin(result.losses))])
-
-
-def plot_range_test(result: RangeTest, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(result.lrs, result.raw_losses, color="0.8", lw=0.8, label="loss")
-    ax.plot(result.lrs, result.losses, color="C0", label="smoothed loss")
-    for i, (name, lr) in enumerate(result.suggestions.items()):
-        idx = int(np.argmin(np.abs(np.log(result.lrs) - np.log(lr))))
-        ax.scatter(
-            [lr],
-            [result.losses[idx]],
-            color=f"C{i + 1}",
-            zorder=3,
-            label=f"{name}: {lr:.2e}" + (" (default)" if name == result.default else ""),
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("training loss")
-    ax.set_ylim(min(result.losses) * 0.9, min(max(result.losses), result.losses[0] * 1.5) * 1.05)
-    ax.legend()
-    ax.set_title(f"LR range test, batch {result.batch_size}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -55,9 +55,7 @@ def _timed_steps(setup: Any, batch: int, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         # with a teacher, its forward pass is part of every step
-        training_step(
-            acc, setup.model, setup.optimizer, setup.loss_fn, x, y, setup.channels_last, None, setup.distill, setup.mix
-        )
+        training_step(setup, x, y)
     if acc.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start

@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from clothcli import __version__
+from clothcli.backends import Classifier, load_classifier
+from clothcli.engines.evaluate import errors_rows, evaluate_classifier
 from clothcli.errors import UserError
+from clothcli.formats import is_exported
 from clothcli.io_utils import atomic_write_text
-from clothcli.run_folder import read_history, training_seconds
+from clothcli.render import plots
+from clothcli.training.run_folder import read_history, training_seconds
 
 REPORT_EXTRA = "pip install 'clothcli[report]'"
 THUMBNAIL_SIDE = 160
@@ -63,40 +67,17 @@ def thumbnail(path: str | Path) -> str | None:
 
 
 def curves_figure(history: list[dict[str, Any]]) -> str | None:
-    """Losses, accuracies and the learning rate per epoch, side by side."""
+    """Losses, accuracies and the learning rate per epoch, as a PNG data URI."""
     if not history:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [int(r["epoch"]) for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    panels = [
-        ("loss", [("train_loss", "train"), ("val_loss", "validation")]),
-        ("accuracy", [("train_acc", "train"), ("val_acc", "validation"), ("val_f1", "validation macro-F1")]),
-        ("learning rate (end of epoch)", [("lr", "lr")]),
-    ]
-    for ax, (title, series) in zip(axes, panels):
-        for key, label in series:
-            values = [r.get(key) for r in history]
-            if any(v is not None for v in values):
-                ax.plot(epochs, values, marker="o", markersize=3, label=label)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        if len(series) > 1:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
+    buffer = io.BytesIO()
+    plots.training_curves(history, buffer)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def confusion_figure(report: Any) -> str:
-    from clothcli.evaluation_report import plot_confusion
-
     buffer = io.BytesIO()
-    plot_confusion(report, buffer)
+    plots.confusion(report.confusion_matrix, report.classes, buffer)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -130,18 +111,18 @@ def _item(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_section(run: Path, checkpoint: Path, meta: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+def _run_section(classifier: Classifier, run: Path | None, history: list[dict[str, Any]]) -> dict[str, Any]:
     from clothcli.analysis.flops import count
-    from clothcli.inference import load_for_inference
+    from clothcli.models.checkpoint import architecture
 
-    plain = load_for_inference(checkpoint, "cpu", fold=False, calibrated=False)
-    size = plain.preprocess.input_size
-    counted = count(plain.model, (3, size, size), depth=0)
+    meta = classifier.meta
+    size = classifier.preprocess.input_size
+    counted = count(architecture(meta), (3, size, size), depth=0)
     seconds = training_seconds(history)
-    config_file = run / "config.yaml"
+    config_file = run / "config.yaml" if run is not None else None
     return {
-        "name": run.name,
-        "arch": plain.arch,
+        "name": run.name if run is not None else classifier.source.name,
+        "arch": classifier.arch,
         "input_size": size,
         "macs": counted.macs,
         "params": counted.params,
@@ -150,12 +131,28 @@ def _run_section(run: Path, checkpoint: Path, meta: dict[str, Any], history: lis
         "train_minutes": seconds / 60 if history else None,
         "device": meta.get("trained_on", "not recorded"),
         "temperature": meta.get("temperature"),
-        "config": config_file.read_text(encoding="utf-8") if config_file.is_file() else "",
+        "config": config_file.read_text(encoding="utf-8") if config_file is not None and config_file.is_file() else "",
     }
 
 
+def _open_model(model: Path) -> tuple[Classifier, Path | None]:
+    """The model a report is about, and its run folder (None for an exported file): a run folder's best/."""
+    if is_exported(model):
+        return load_classifier(model, in_workers=False), None
+    from clothcli.io_utils import readable_dir
+    from clothcli.models.checkpoint import META_FILE, WEIGHTS_FILE
+
+    if not model.is_dir():
+        raise UserError(f"run folder not found: {model}")
+    checkpoint = readable_dir(model / "best")
+    if not (checkpoint / META_FILE).is_file() or not (checkpoint / WEIGHTS_FILE).is_file():
+        raise UserError(f"{model}: no best/ checkpoint (a run folder written by clothcli train)")
+    return load_classifier(checkpoint, in_workers=False), model
+
+
 def build_report(
-    run: str | Path,
+    *,
+    model: str | Path,
     data: str | Path | None = None,
     output: str | Path = "report.html",
     split: str = "test",
@@ -164,9 +161,10 @@ def build_report(
     batch_size: int = 64,
     workers: int = 2,
 ) -> ReportResult:
-    """Evaluate the run's best checkpoint on `split` of `data` (default: the dataset it was trained on)
-    and write the report to `output`; with `data` given, the dataset's audit is included."""
-    output, run = Path(output), Path(run)
+    """Evaluate a run's best checkpoint (or an exported file) on `split` of `data` (default: the dataset
+    the run was trained on) and write the report to `output`; with `data` given, the dataset's audit is
+    included."""
+    output = Path(output)
     if output.suffix.lower() not in (".html", ".htm"):
         raise UserError(f"the report is HTML: -o must end in .html, got '{output.name}'")
     if not output.parent.is_dir():
@@ -175,39 +173,27 @@ def build_report(
         import jinja2
     except ImportError:
         raise UserError(f"report needs Jinja2: {REPORT_EXTRA}") from None
-    from clothcli.checkpoint import META_FILE, WEIGHTS_FILE, read_meta
-    from clothcli.io_utils import readable_dir
-
-    if not run.is_dir():
-        raise UserError(f"run folder not found: {run}")
-    checkpoint = readable_dir(run / "best")
-    if not (checkpoint / META_FILE).is_file() or not (checkpoint / WEIGHTS_FILE).is_file():
-        raise UserError(f"{run}: no best/ checkpoint (a run folder written by clothcli train)")
-    meta = read_meta(checkpoint)
+    classifier, run = _open_model(Path(model))
     audit_data = Path(data) if data is not None else None
     if audit_data is not None:
         if not audit_data.is_dir():
             raise UserError(f"data folder not found: {audit_data}")
-        _check_data_classes(audit_data, list(meta["classes"]))
-    eval_data = audit_data or Path(meta.get("config", {}).get("data", {}).get("root") or "")
+        _check_data_classes(audit_data, list(classifier.classes))
+    eval_data = audit_data or Path((classifier.meta.get("config") or {}).get("data", {}).get("root") or "")
     if not str(eval_data) or not eval_data.is_dir():
-        raise UserError(f"the run's dataset is not at {eval_data or '(unrecorded)'}: give DATA")
-
-    from clothcli.evaluation import evaluate_checkpoint
-    from clothcli.evaluation_report import errors_rows
-
-    evaluation = evaluate_checkpoint(checkpoint, eval_data, split, batch_size, workers)
-    history = read_history(run)
+        raise UserError(f"the model's dataset is not at {eval_data or '(unrecorded)'}: give DATA")
+    evaluation = evaluate_classifier(classifier, eval_data, split, batch_size=batch_size, workers=workers)
+    history = read_history(run) if run is not None else []
     audit = None
     if audit_data is not None:
-        from clothcli.data.analysis import analyze_dataset
+        from clothcli.data.audit import analyze_dataset
 
         audit = analyze_dataset(audit_data, deep=True).to_dict()
     samples = _samples(evaluation.files, evaluation.classes, per_class)
     worst = [_item(row) for row in errors_rows(evaluation)[:mistakes]]
     context = {
         "version": __version__,
-        "run": _run_section(run, checkpoint, meta, history),
+        "run": _run_section(classifier, run, history),
         "curves": curves_figure(history),
         "history": history,
         "evaluation": evaluation,

@@ -28,11 +28,11 @@ from typing import Any
 from accelerate import Accelerator
 from torch import nn
 
-from clothcli.checkpoint import save_checkpoint
 from clothcli.config import Config, from_dict, read_yaml, to_dict
+from clothcli.data.preprocess import Preprocess
 from clothcli.errors import UserError
 from clothcli.io_utils import atomic_write_text, fault_point, recover_dir, replace_dir, staging_dir
-from clothcli.models import Preprocess
+from clothcli.models.checkpoint import save_checkpoint
 from clothcli.runtime import plain_model
 
 METRIC_FIELDS = [

@@ -246,28 +246,3 @@ def analyze_dataset(
         warnings=index.warnings,
         deep=deep,
     )
-
-
-def plot_class_distribution(analysis: DatasetAnalysis, path: str | Path) -> None:
-    """Bar chart of images per class, one bar group per split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    classes = analysis.classes
-    splits = list(analysis.splits)
-    x = np.arange(len(classes))
-    width = 0.8 / max(1, len(splits))
-    fig, ax = plt.subplots(figsize=(max(6, len(classes) * 0.8), 4))
-    for i, split in enumerate(splits):
-        counts = [analysis.splits[split]["classes"][c] for c in classes]
-        ax.bar(x + i * width - 0.4 + width / 2, counts, width, label=split)
-    ax.set_xticks(x, classes, rotation=45, ha="right")
-    ax.set_ylabel("images")
-    ax.set_title("Images per class")
-    ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

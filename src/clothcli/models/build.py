@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,39 +11,10 @@ import timm
 from torch import nn
 
 from clothcli.config import ModelConfig, PreprocessConfig
+from clothcli.data.preprocess import Preprocess
 from clothcli.errors import UserError
 
 HUB_HOST = "huggingface.co"
-
-
-@dataclass
-class Preprocess:
-    """What evaluation and prediction must do to an image so the model sees what it trained on."""
-
-    input_size: int
-    interpolation: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    crop_pct: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "input_size": self.input_size,
-            "interpolation": self.interpolation,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "crop_pct": self.crop_pct,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Preprocess:
-        return cls(
-            int(data["input_size"]),
-            str(data["interpolation"]),
-            tuple(data["mean"]),
-            tuple(data["std"]),
-            float(data["crop_pct"]),
-        )
 
 
 def check_architecture(name: str) -> None:

@@ -55,7 +55,7 @@ class LabelIssues:
 def _backbone(checkpoint: str | Path | None, model_name: str | None, weights: str | Path | None):
     """(model that returns embeddings, its Preprocess, a description)."""
     if checkpoint is not None:
-        from clothcli.inference import load_for_inference
+        from clothcli.models.loading import load_for_inference
 
         loaded = load_for_inference(checkpoint, "cpu")
         loaded.model.reset_classifier(0)
@@ -63,8 +63,8 @@ def _backbone(checkpoint: str | Path | None, model_name: str | None, weights: st
     if not (model_name and weights):
         raise UserError("--label-issues needs a backbone: --checkpoint RUN, or --model NAME with --weights PATH")
     from clothcli.config import ModelConfig, PreprocessConfig
-    from clothcli.fusion import prepare_for_inference
-    from clothcli.models import build_model, resolve_preprocess
+    from clothcli.models.build import build_model, resolve_preprocess
+    from clothcli.models.fusion import prepare_for_inference
 
     model = build_model(ModelConfig(name=model_name, weights=str(weights)), num_classes=0)
     pre = resolve_preprocess(model, PreprocessConfig())
@@ -153,32 +153,3 @@ def find_label_issues(
         issues=issues,
         unreadable=[{"path": str(samples[i][0]), "reason": r} for i, r in sorted(errors.items())],
     )
-
-
-def contact_sheet(issues: LabelIssues, path: str | Path, top: int = 20, columns: int = 5) -> None:
-    """A PNG of the `top` suspects, each captioned with its given and suggested label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    shown = issues.issues[:top]
-    if not shown:
-        raise UserError("no label issues found: nothing to draw")
-    rows = (len(shown) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 2.4, rows * 2.8), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, issue in zip(axes.flat, shown):
-        with Image.open(issue["path"]) as image:
-            image.thumbnail((256, 256))
-            ax.imshow(image.convert("RGB"))
-        ax.set_title(
-            f"given: {issue['given']}\nsuggested: {issue['suggested']}\n{issue['split']}, q={issue['quality']:.2g}",
-            fontsize=8,
-        )
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from clothcli.checkpoint import load_checkpoint
-from clothcli.fusion import prepare_for_inference
-from clothcli.models import Preprocess
+from clothcli.data.preprocess import Preprocess
+from clothcli.models.checkpoint import load_checkpoint
+from clothcli.models.fusion import prepare_for_inference
 from clothcli.runtime import resolve_device
 
 
@@ -68,3 +68,21 @@ def load_for_inference(
         meta=meta,
         temperature=float(meta.get("temperature") or 1.0) if calibrated else 1.0,
     )
+
+
+def logits_and_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and the penultimate features (timm's pre-logits: pooled, before the classifier) of one
+    forward pass; in eval mode the logits equal `model(images)`."""
+    pre_logits = model.forward_head(model.forward_features(images), pre_logits=True)
+    return model.get_classifier()(pre_logits), pre_logits
+
+
+class WithFeatures(nn.Module):
+    """A timm classifier whose forward returns (logits, features): the graph an export writes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits_and_features(self.model, images)

@@ -95,15 +95,21 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model recorded in a checkpoint and load its weights (eval mode)."""
+def architecture(meta: dict[str, Any]) -> nn.Module:
+    """The untrained network a checkpoint's or an export's metadata describes (eval mode): its structure
+    (MACs, receptive field) without its weights."""
     import timm
 
+    return timm.create_model(
+        meta["arch"], pretrained=False, num_classes=len(meta["classes"]), **meta.get("model_kwargs", {})
+    ).eval()
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model recorded in a checkpoint and load its weights (eval mode)."""
     meta = read_meta(path)
     directory = Path(meta["directory"])
-    model = timm.create_model(
-        meta["arch"], pretrained=False, num_classes=len(meta["classes"]), **meta.get("model_kwargs", {})
-    )
+    model = architecture(meta)
     try:
         state = load_file(str(directory / WEIGHTS_FILE))
         model.load_state_dict(state)

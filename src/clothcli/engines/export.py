@@ -2,10 +2,11 @@
 
 The model is exported with batch norm folded (as `predict` runs it) through torch.onnx's dynamo
 exporter, which handles the explicit "same" padding of timm's `tf_` models, with a dynamic batch
-dimension. The checkpoint's metadata (classes, preprocessing, temperature, rejection threshold)
-goes into the file's metadata_props, so the .onnx file is all `predict` and `evaluate` need.
-Verification runs ONNX Runtime and PyTorch on the same preprocessed images; a file that fails it
-is not written. `--int8` adds ONNX Runtime's static QDQ quantization, calibrated on training images.
+dimension and two outputs: the logits and the penultimate features. The checkpoint's metadata
+(classes, preprocessing, temperature, rejection threshold, schema version) goes into the file's
+metadata_props, so the .onnx file is all `predict` and `evaluate` need. Verification runs the ONNX
+Runtime backend and the PyTorch backend on the same preprocessed images; a file that fails it is
+not written. `--int8` adds ONNX Runtime's static QDQ quantization, calibrated on training images.
 """
 
 from __future__ import annotations
@@ -25,24 +26,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from clothcli.data.layout import find_split_dir, index_folder
-from clothcli.errors import UserError
-from clothcli.evaluation_report import resolve_eval_folder
-from clothcli.inference import load_for_inference
-from clothcli.io_utils import atomic_path
-from clothcli.onnx_inference import (
+from clothcli.backends import Classifier, load_classifier
+from clothcli.backends.base import SCHEMA_VERSION
+from clothcli.backends.onnx_runtime import (
     EXPORT_EXTRA,
+    FEATURES_OUTPUT,
     METADATA_KEY,
-    ImagePreprocess,
+    OnnxClassifier,
     image_batches,
-    load_onnx,
-    open_session,
 )
+from clothcli.backends.pytorch import torch_module
+from clothcli.data.layout import find_split_dir, index_folder, resolve_eval_folder
+from clothcli.data.preprocess import Preprocess
+from clothcli.engines.evaluate import model_outputs
+from clothcli.errors import UserError
+from clothcli.io_utils import atomic_path
+from clothcli.models.loading import WithFeatures
 
 # ONNX Runtime and PyTorch sum in different orders: fp32 logits of these models differ by ~1e-5.
 DEFAULT_TOLERANCE = 1e-3  # per unit of the largest logit, see Verification.allowed_diff
 META_FIELDS = (
     "arch", "classes", "preprocess", "temperature", "ood_threshold", "epoch", "metrics", "model_kwargs", "quantization",
+    "schema_version",
 )  # fmt: skip
 
 
@@ -128,7 +133,7 @@ def _export_graph(model: torch.nn.Module, input_size: int, opset: int, path: Pat
     """The fp32 graph with a dynamic batch dimension and the checkpoint's metadata, written to `path`."""
     import onnx
 
-    model = model.to(memory_format=torch.contiguous_format)
+    model = WithFeatures(model.to(memory_format=torch.contiguous_format))
     sample = torch.randn(2, 3, input_size, input_size)
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
@@ -139,7 +144,7 @@ def _export_graph(model: torch.nn.Module, input_size: int, opset: int, path: Pat
             dynamo=True,
             opset_version=opset,
             input_names=["image"],
-            output_names=["logits"],
+            output_names=["logits", FEATURES_OUTPUT],
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             external_data=False,
         )
@@ -149,7 +154,7 @@ def _export_graph(model: torch.nn.Module, input_size: int, opset: int, path: Pat
 
 
 def _set_metadata(graph: Any, meta: dict[str, Any]) -> None:
-    kept = {k: meta[k] for k in META_FIELDS if k in meta}
+    kept = {k: meta[k] for k in META_FIELDS if k in meta} | {"schema_version": SCHEMA_VERSION}
     del graph.metadata_props[:]
     entry = graph.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(kept)
@@ -167,24 +172,17 @@ def _labelled_images(data: Path, split: str, classes: list[str], limit: int, see
     return folder, samples
 
 
-def _run_both(model: torch.nn.Module, session: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    with torch.inference_mode():
-        reference = model(torch.from_numpy(images).contiguous(memory_format=torch.channels_last)).float().numpy()
-    return reference, session.run(None, {session.get_inputs()[0].name: images})[0]
-
-
 def verify(
-    model: torch.nn.Module,
-    onnx_path: Path,
-    preprocess: ImagePreprocess,
+    reference: Classifier,
+    exported: Classifier,
     samples: list | None,
     source: str,
     tolerance: float,
     batch_size: int = 32,
 ) -> Verification:
-    """ONNX Runtime against PyTorch on the samples' images (generated ones when `samples` is None)."""
-    session = open_session(onnx_path)
-    outputs: list[tuple[np.ndarray, np.ndarray]] = []
+    """The exported model against the PyTorch backend on the samples' images (generated ones when `samples`
+    is None), both fed the same preprocessed arrays."""
+    preprocess = exported.preprocess
     if samples is None:
         generator = np.random.default_rng(0)
         raw = generator.integers(0, 256, (16, preprocess.input_size, preprocess.input_size, 3), dtype=np.uint8)
@@ -192,24 +190,23 @@ def verify(
     else:
         files = [p for p, _ in samples]
         batches = [b.images for b in image_batches(files, preprocess, batch_size, 2) if b.images is not None]
-    for images in batches:
-        outputs.append(_run_both(model, session, images))
+    outputs = [(reference.forward(images), exported.forward(images)) for images in batches]
     if not outputs:
         raise UserError(f"{source}: no readable images to verify the export on")
-    reference = np.concatenate([r for r, _ in outputs])
-    exported = np.concatenate([o for _, o in outputs])
+    expected = np.concatenate([r for r, _ in outputs])
+    found = np.concatenate([o for _, o in outputs])
     check = Verification(
-        images=len(reference),
+        images=len(expected),
         source=source,
-        max_abs_diff=float(np.abs(reference - exported).max()),
-        logit_scale=float(np.abs(reference).max()),
-        top1_agreement=float((reference.argmax(1) == exported.argmax(1)).mean()),
+        max_abs_diff=float(np.abs(expected - found).max()),
+        logit_scale=float(np.abs(expected).max()),
+        top1_agreement=float((expected.argmax(1) == found.argmax(1)).mean()),
         near_ties=0,
         tolerance=tolerance,
     )
-    differ = reference.argmax(1) != exported.argmax(1)
-    rows = np.arange(len(reference))[differ]
-    margins = reference[rows, reference.argmax(1)[differ]] - reference[rows, exported.argmax(1)[differ]]
+    differ = expected.argmax(1) != found.argmax(1)
+    rows = np.arange(len(expected))[differ]
+    margins = expected[rows, expected.argmax(1)[differ]] - expected[rows, found.argmax(1)[differ]]
     check.near_ties = int((margins <= 2 * check.allowed_diff).sum())
     return check
 
@@ -217,7 +214,7 @@ def verify(
 class _CalibrationReader:
     """Feeds ONNX Runtime's static quantization batches of training images (its CalibrationDataReader)."""
 
-    def __init__(self, files: list[Path], preprocess: ImagePreprocess, input_name: str):
+    def __init__(self, files: list[Path], preprocess: Preprocess, input_name: str):
         self.batches = ({input_name: b.images} for b in image_batches(files, preprocess, 16, 2) if b.images is not None)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -231,7 +228,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_files: list[Path
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    model = load_onnx(fp32_path)
+    model = OnnxClassifier(fp32_path)
     scratch_dir = tempfile.TemporaryDirectory(dir=int8_path.parent, prefix=".int8-")
     with scratch_dir as scratch, atomic_path(int8_path) as target:
         prepared = Path(scratch) / "prepared.onnx"
@@ -256,16 +253,10 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_files: list[Path
 
 def _accuracy(path: Path, samples: list) -> tuple[float, np.ndarray]:
     """Top-1 accuracy of the .onnx model over labelled samples, and its predictions."""
-    model = load_onnx(path)
-    files = [p for p, _ in samples]
-    preds, targets = [], []
-    for batch in image_batches(files, model.preprocess, 64, 2):
-        if batch.images is None:
-            continue
-        preds.append(model.logits(batch.images).argmax(1))
-        targets += [samples[batch.indices[pos]][1] for pos in batch.readable]
-    predicted = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
-    return float((predicted == np.array(targets)).mean()) if targets else 0.0, predicted
+    outputs = model_outputs(OnnxClassifier(path), [p for p, _ in samples])
+    predicted = outputs.logits.argmax(1)
+    targets = np.array([samples[i][1] for i in outputs.rows], dtype=np.int64)
+    return float((predicted == targets).mean()) if len(targets) else 0.0, predicted
 
 
 def int8_path_for(output: Path) -> Path:
@@ -274,6 +265,7 @@ def int8_path_for(output: Path) -> Path:
 
 
 def export_onnx(
+    *,
     checkpoint: str | Path,
     output: str | Path,
     opset: int = 18,
@@ -282,8 +274,8 @@ def export_onnx(
     verify_images: int = 512,
     tolerance: float = DEFAULT_TOLERANCE,
     int8: bool = False,
-    calibration_data: str | Path | None = None,
-    calibration_images: int = 256,
+    int8_data: str | Path | None = None,
+    int8_images: int = 256,
 ) -> ExportReport:
     """Export, verify and (with `int8`) quantize the checkpoint at `checkpoint` to `output`.
 
@@ -291,20 +283,21 @@ def export_onnx(
     verification in the report. With `int8`, the quantized model goes to `int8_path_for(output)`."""
     output = Path(output)
     _check_output(output)
-    if int8 and calibration_data is None:
-        raise UserError("--int8 needs --calibration DATA (a dataset folder whose train split calibrates it)")
+    if int8 and int8_data is None:
+        raise UserError("--int8 needs --int8-data DATA (a dataset folder whose train split calibrates it)")
     _require_export_packages()
     start = time.perf_counter()
-    loaded = load_for_inference(checkpoint, "cpu", calibrated=True)
-    meta, preprocess = loaded.meta, ImagePreprocess.from_dict(loaded.meta["preprocess"])
+    loaded = load_classifier(checkpoint, device="cpu")
+    model = torch_module(loaded)
+    meta, preprocess = loaded.meta, loaded.preprocess
     samples, source = None, "generated"
     if verify_data is not None:
         folder, samples = _labelled_images(Path(verify_data), verify_split, loaded.classes, verify_images)
         source = str(folder)
     try:
         with atomic_path(output) as staged:
-            _export_graph(loaded.model, preprocess.input_size, opset, staged, meta)
-            checked = verify(loaded.model, staged, preprocess, samples, source, tolerance)
+            _export_graph(model, preprocess.input_size, opset, staged, meta)
+            checked = verify(loaded, OnnxClassifier(staged), samples, source, tolerance)
             if not checked.passed:
                 raise _Rejected(checked)
     except _Rejected as rejected:
@@ -319,11 +312,11 @@ def export_onnx(
         checked,
     )
     if int8:
-        data = Path(calibration_data)
+        data = Path(int8_data)
         if samples is None:  # accuracy needs labelled images: the calibration dataset's validation split
             folder, samples = _labelled_images(data, verify_split, loaded.classes, verify_images)
             source = str(folder)
-        report.int8 = _int8(output, meta, loaded.classes, data, samples, source, calibration_images)
+        report.int8 = _int8(output, meta, loaded.classes, data, samples, source, int8_images)
     return report
 
 

@@ -1,0 +1,46 @@
+"""`load_classifier`: any model clothcli can run, behind one interface (`base.Classifier`).
+
+The format is told by the path (`formats.model_format`); each backend is imported only when a model
+of its format is loaded, so an exported file runs without PyTorch installed or imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clothcli.backends.base import Classifier, OutputBatch
+from clothcli.errors import UserError
+from clothcli.formats import ONNX, model_format
+
+__all__ = ["Classifier", "OutputBatch", "load_classifier"]
+
+
+def load_classifier(
+    path: str | Path,
+    *,
+    device: str | None = None,
+    calibrated: bool = True,
+    threads: int | None = None,
+    input_size: int | None = None,
+    crop_pct: float | None = None,
+    in_workers: bool | None = None,
+) -> Classifier:
+    """The model at `path` (a run folder, a checkpoint folder, its model.safetensors, or an exported
+    file), with the temperature `clothcli calibrate` stored unless not `calibrated`.
+
+    `device`, `input_size`, `crop_pct` and `in_workers` apply to checkpoints only (an exported file has
+    its preprocessing fixed in the graph's input and runs on the CPU); `threads` sets an exported
+    model's intra-op threads."""
+    if model_format(path) == ONNX:
+        if device not in (None, "cpu") or in_workers:
+            raise UserError("an .onnx model runs on the CPU with ONNX Runtime: drop --device")
+        if input_size or crop_pct:
+            raise UserError("--input-size and --crop-pct need the checkpoint, not an .onnx file")
+        from clothcli.backends.onnx_runtime import OnnxClassifier
+
+        return OnnxClassifier(path, calibrated=calibrated, threads=threads)
+    from clothcli.backends.pytorch import TorchClassifier
+    from clothcli.models.loading import load_for_inference
+
+    loaded = load_for_inference(path, device, input_size=input_size, crop_pct=crop_pct, calibrated=calibrated)
+    return TorchClassifier(loaded, calibrated=calibrated, in_workers=in_workers)

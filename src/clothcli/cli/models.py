@@ -1,0 +1,99 @@
+"""`export`, `flops` and `rf`: a checkpoint as a file for another runtime, and what a network costs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clothcli import render
+from clothcli.cli.options import DeviceOption, InputSizeOption, JsonOption, save_json
+
+
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Run folder (uses best/), checkpoint folder or weights file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .onnx file to write.")],
+    opset: Annotated[int, typer.Option(min=18, max=23, help="ONNX opset version.")] = 18,
+    verify: Annotated[
+        Path | None,
+        typer.Option(
+            help="Dataset folder whose validation split verifies the export (up to 512 images).",
+            show_default="generated images",
+        ),
+    ] = None,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Largest logit difference ONNX Runtime may show against PyTorch, per unit of the largest logit.",
+        ),
+    ] = 1e-3,
+    int8: Annotated[
+        bool, typer.Option(help="Also write NAME.int8.onnx: static int8 quantization (QDQ), needs --int8-data.")
+    ] = False,
+    int8_data: Annotated[
+        Path | None,
+        typer.Option(help="Dataset folder whose train split calibrates --int8.", show_default="none"),
+    ] = None,
+    int8_images: Annotated[int, typer.Option(min=1, help="Training images --int8 is calibrated on.")] = 256,
+    json_path: JsonOption = None,
+) -> None:
+    """Export to ONNX (batch norm folded, dynamic batch, classes inside), verified against PyTorch."""
+    from clothcli.engines.export import export_onnx
+
+    with render.progress_bar("exporting"):
+        report = export_onnx(
+            checkpoint=checkpoint, output=output, opset=opset, verify_data=verify, tolerance=tolerance, int8=int8,
+            int8_data=int8_data, int8_images=int8_images,
+        )  # fmt: skip
+    render.export_report(report)
+    save_json(json_path, report.to_dict())
+    if not report.verification.passed:
+        raise typer.Exit(1)
+
+
+MODEL_HELP = "timm name, torchvision:NAME, a config YAML, or a checkpoint (run folder, best/, model.safetensors)."
+
+
+def flops(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    input_size: InputSizeOption = None,
+    depth: Annotated[int, typer.Option(min=0, max=10, help="Module depth of the per-layer table.")] = 2,
+    latency: Annotated[bool, typer.Option(help="Measure ms per image at batch 1 and at --batch.")] = True,
+    batch: Annotated[int, typer.Option(min=1, max=1024, help="Larger batch for the latency measurement.")] = 32,
+    device: DeviceOption = None,
+    json_path: JsonOption = None,
+) -> None:
+    """Per-layer MACs and parameters (thop), totals that agree with published figures, latency."""
+    from clothcli.analysis.flops import count, measure_latency
+    from clothcli.analysis.model_source import load_model_spec
+    from clothcli.runtime import resolve_device
+
+    spec = load_model_spec(model, input_size)
+    report = count(spec.model, spec.input_size, depth, spec.description)
+    if latency:
+        report.latency = measure_latency(spec.model, spec.input_size, batch, resolve_device(device))
+    render.flops(report)
+    save_json(json_path, report.to_dict())
+
+
+def rf(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    input_size: InputSizeOption = None,
+    depth: Annotated[int, typer.Option(min=1, max=10, help="Module depth of the per-layer table.")] = 2,
+    verify: Annotated[
+        bool, typer.Option(help="Check the overall field against the input gradient of the centre unit.")
+    ] = False,
+    json_path: JsonOption = None,
+) -> None:
+    """Receptive field, effective stride and padding per layer; correct for branches and global context."""
+    from clothcli.analysis.model_source import load_model_spec
+    from clothcli.analysis.rf import trace as trace_rf
+    from clothcli.analysis.rf import verify_output
+
+    spec = load_model_spec(model, input_size)
+    report = trace_rf(spec.model, spec.input_size, spec.description)
+    check = verify_output(spec.model, report) if verify else None
+    render.receptive_fields(report, depth, check)
+    save_json(json_path, {**report.to_dict(), "verify": check})

@@ -1,0 +1,149 @@
+"""`train` and `tune`: a config file (with overrides) in, a run folder or a suggestion out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clothcli import render
+from clothcli.cli.options import ConfigArgument, DataOption, JsonOption, SetOption, WeightsOption, save_json
+
+_OPTION_KEYS = {
+    "data": "data.root",
+    "weights": "model.weights",
+    "model": "model.name",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "lr": "optim.lr",
+    "name": "name",
+    "output_dir": "output_dir",
+}
+
+
+def _config_from_options(config: Path | None, overrides: list[str] | None, download: bool, **options):
+    """Load a config with `--set` overrides and the dedicated options (which win)."""
+    from clothcli.config import load_config
+
+    extra: dict = {}
+    for option, value in options.items():
+        if value is None:
+            continue
+        node = extra
+        *parents, leaf = _OPTION_KEYS[option].split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = str(value) if isinstance(value, Path) else value
+    if download:
+        extra.setdefault("data", {})["download"] = True
+    return load_config(config, overrides or [], extra)
+
+
+def train(
+    config: ConfigArgument = None,
+    data: DataOption = None,
+    weights: WeightsOption = None,
+    model: Annotated[
+        str | None, typer.Option(help="timm architecture (overrides model.name).", show_default="config's model.name")
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Overrides train.epochs.", show_default="config's train.epochs")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Overrides train.batch_size.", show_default="config's train.batch_size")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(min=0.0, help="Overrides optim.lr.", show_default="config's optim.lr")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Run name; the run folder is OUTPUT_DIR/NAME.", show_default="config's name")
+    ] = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where run folders go (overrides output_dir).", show_default="config's output_dir"),
+    ] = None,
+    download: Annotated[
+        bool, typer.Option(help="Download clothing-dataset-small to data.root if it is missing.")
+    ] = False,
+    set_: SetOption = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the run in this folder from its last completed epoch.", show_default="new run"),
+    ] = None,
+) -> None:
+    """Fine-tune a timm model with HF Accelerate (CPU, GPU, mixed precision, accelerate launch)."""
+    from clothcli.training import train as run_training
+
+    cfg = None
+    if resume is None:
+        cfg = _config_from_options(
+            config,
+            set_,
+            download,
+            data=data,
+            weights=weights,
+            model=model,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            name=name,
+            output_dir=output_dir,
+        )
+    with render.TrainProgress() as progress:
+        try:
+            result = run_training(cfg, resume=resume, reporter=progress)
+        except KeyboardInterrupt:
+            if progress.run_dir is None:
+                raise
+            render.error(
+                f"interrupted; last/ and state/ hold the last completed epoch. Continue with: "
+                f"clothcli train --resume {progress.run_dir}"
+            )
+            raise typer.Exit(130) from None
+    if result.main_process:
+        render.train_summary(result)
+
+
+def tune(
+    config: ConfigArgument = None,
+    data: DataOption = None,
+    weights: WeightsOption = None,
+    min_lr: Annotated[float, typer.Option(min=0.0, help="Start of the learning-rate sweep.")] = 1e-7,
+    max_lr: Annotated[float, typer.Option(min=0.0, help="End of the learning-rate sweep.")] = 10.0,
+    steps: Annotated[int, typer.Option(min=10, max=10000, help="Optimizer steps in the sweep.")] = 100,
+    formats_: Annotated[
+        bool,
+        typer.Option(
+            "--format-search/--no-format-search",
+            help="Time each precision and memory format; the other searches use the fastest, --write records it.",
+        ),
+    ] = True,
+    lr_test: Annotated[bool, typer.Option(help="Run the learning-rate range test.")] = True,
+    batch_search: Annotated[bool, typer.Option(help="Run the batch-size search.")] = True,
+    memory_budget_gb: Annotated[
+        float | None, typer.Option(min=0.1, help="CPU batch search: memory budget.", show_default="half of free RAM")
+    ] = None,
+    plot: Annotated[Path, typer.Option(help="PNG of loss against learning rate.")] = Path("lr_range_test.png"),
+    write: Annotated[
+        Path | None,
+        typer.Option(
+            help="Update optim.lr, train.batch_size and the chosen precision and memory format in this YAML.",
+            show_default="nothing written",
+        ),
+    ] = None,
+    json_path: JsonOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Fastest precision and memory format, batch-size search, learning-rate range test; writes a suggestion."""
+    from clothcli.tuning import TuneOptions, run_tune
+
+    cfg = _config_from_options(config, set_, False, data=data, weights=weights)
+    options = TuneOptions(
+        format_search=formats_, batch_search=batch_search, lr_test=lr_test, min_lr=min_lr, max_lr=max_lr, steps=steps,
+        memory_budget_gb=memory_budget_gb, plot=plot, write=write,
+    )  # fmt: skip
+    with render.TrainProgress() as progress:
+        report = run_tune(cfg, options, reporter=progress)
+    render.tuning(report)
+    save_json(json_path, report.to_dict())

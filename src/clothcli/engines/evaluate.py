@@ -1,0 +1,206 @@
+"""`evaluate`: any model over a split (or any class-laid-out folder), and the one report it makes.
+
+The backend yields logits; the probabilities, the classification report, calibration and the
+out-of-distribution separation are computed here, once, for every format (`metrics`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clothcli.backends import Classifier, load_classifier
+from clothcli.data.inputs import images_under
+from clothcli.data.layout import index_folder, resolve_eval_folder
+from clothcli.errors import UserError
+from clothcli.metrics import (
+    ClassificationReport,
+    calibration,
+    classification_report,
+    probabilities,
+    reliability_bins,
+    separation,
+)
+from clothcli.render import plots
+
+
+@dataclass
+class EvalReport(ClassificationReport):
+    """The classification report of one model on one folder, with every file's prediction."""
+
+    checkpoint: str = ""  # the model's source: a checkpoint folder or an exported file
+    arch: str = ""
+    folder: str = ""
+    split: str = ""
+    tta_flip: bool = False
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    # the temperature the probabilities were divided by (1.0: uncalibrated), and their ece, nll, brier
+    temperature: float = 1.0
+    calibration: dict[str, float] = field(default_factory=dict)
+    # with an out-of-distribution folder: per score, auroc, threshold, recall and fpr
+    ood: list[dict[str, Any]] = field(default_factory=list)
+    # one row per evaluated file: path, true, predicted, confidence
+    files: list[dict[str, Any]] = field(default_factory=list)
+    unreadable: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Outputs:
+    """A model's logits over a list of files: rows for the readable ones, reasons for the others."""
+
+    rows: list[int]  # positions in the file list of the rows below, in order
+    logits: np.ndarray
+    errors: dict[int, str]
+    flipped_logits: np.ndarray | None = None
+    features: np.ndarray | None = None
+
+
+def model_outputs(
+    classifier: Classifier,
+    files: list[Path],
+    *,
+    batch_size: int = 64,
+    workers: int = 2,
+    flip: bool = False,
+    features: bool = False,
+) -> Outputs:
+    """Every batch of `classifier.run` over `files`, gathered."""
+    rows: list[int] = []
+    logits, flipped, feats, errors = [], [], [], {}
+    for batch in classifier.run(files, batch_size, workers, flip=flip, features=features):
+        rows += batch.rows
+        logits.append(batch.logits)
+        errors.update(batch.errors)
+        if flip:
+            flipped.append(batch.flipped_logits)
+        if features:
+            feats.append(batch.features)
+    k = len(classifier.classes)
+    out = Outputs(rows, np.concatenate(logits) if logits else np.zeros((0, k), dtype=np.float32), errors)
+    if flip:
+        out.flipped_logits = np.concatenate(flipped) if flipped else np.zeros((0, k), dtype=np.float32)
+    if features:
+        out.features = np.concatenate(feats) if feats else None
+    return out
+
+
+@dataclass
+class LabelledOutputs:
+    """A model's logits over one folder laid out by class, with the true class of each row."""
+
+    folder: Path
+    index: Any  # the folder's SplitIndex (samples, skipped files)
+    outputs: Outputs
+    targets: np.ndarray
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.outputs.logits
+
+
+def labelled_outputs(
+    classifier: Classifier, data: str | Path, split: str, *, batch_size: int = 64, workers: int = 2, flip: bool = False
+) -> LabelledOutputs:
+    """`classifier` over `data/<split>` (or `data` laid out by class); classes it does not know are an error."""
+    folder = resolve_eval_folder(data, split)
+    index = index_folder(folder, classifier.classes, name=split)
+    if not index.samples:
+        raise UserError(f"{folder}: no images to evaluate")
+    files = [path for path, _ in index.samples]
+    outputs = model_outputs(classifier, files, batch_size=batch_size, workers=workers, flip=flip)
+    targets = np.array([index.samples[i][1] for i in outputs.rows], dtype=np.int64)
+    return LabelledOutputs(folder, index, outputs, targets)
+
+
+def evaluate(
+    *,
+    model: str | Path,
+    data: str | Path,
+    split: str = "test",
+    batch_size: int = 64,
+    workers: int = 2,
+    tta_flip: bool = False,
+    input_size: int | None = None,
+    crop_pct: float | None = None,
+    device: str | None = None,
+    calibrated: bool = True,
+    reliability_png: str | Path | None = None,
+    ood: str | Path | None = None,
+    ood_recall: float = 0.95,
+) -> EvalReport:
+    """The full classification report, calibration, and per-file predictions (for the errors list).
+
+    `input_size` / `crop_pct` override a checkpoint's preprocessing, as timm's validate.py
+    `--img-size` / `--crop-pct` do: a network trained with random-resized crops often scores higher
+    when tested a little larger than it was trained ("FixRes" effect). Choose them on validation.
+    Probabilities use the model's fitted temperature (`clothcli calibrate`) unless `calibrated` is
+    False. With `ood`, a folder of images that belong to none of the classes, the report says how well
+    the scores of `metrics.separation` tell the split's images from those."""
+    classifier = load_classifier(
+        model, device=device, calibrated=calibrated, input_size=input_size, crop_pct=crop_pct, in_workers=False
+    )
+    return evaluate_classifier(
+        classifier, data, split, batch_size=batch_size, workers=workers, tta_flip=tta_flip,
+        reliability_png=reliability_png, ood=ood, ood_recall=ood_recall,
+    )  # fmt: skip
+
+
+def evaluate_classifier(
+    classifier: Classifier,
+    data: str | Path,
+    split: str = "test",
+    *,
+    batch_size: int = 64,
+    workers: int = 2,
+    tta_flip: bool = False,
+    reliability_png: str | Path | None = None,
+    ood: str | Path | None = None,
+    ood_recall: float = 0.95,
+) -> EvalReport:
+    """`evaluate` of a model already loaded (compare and report load it once for several uses)."""
+    temperature, classes = classifier.temperature, classifier.classes
+    found = labelled_outputs(classifier, data, split, batch_size=batch_size, workers=workers, flip=tta_flip)
+    out, targets = found.outputs, found.targets
+    probs = probabilities(out.logits, temperature)
+    if out.flipped_logits is not None:
+        probs = (probs + probabilities(out.flipped_logits, temperature)) / 2
+    preds, confidence = probs.argmax(1), probs.max(1)
+    log_probs = np.log(np.clip(probs, 1e-12, None))  # softmax of these is `probs`: calibration of what is shown
+    if reliability_png is not None and len(targets):
+        plots.reliability(reliability_bins(log_probs, targets), reliability_png)
+    separations = []
+    if ood is not None:
+        outside = model_outputs(classifier, images_under(ood), batch_size=batch_size, workers=workers)
+        separations = [s.to_dict() for s in separation(out.logits, outside.logits, temperature, ood_recall)]
+    samples = found.index.samples
+    return EvalReport(
+        **classification_report(preds, targets, classes).to_dict(),
+        checkpoint=str(classifier.source),
+        arch=classifier.arch,
+        folder=str(found.folder),
+        split=split,
+        tta_flip=tta_flip,
+        preprocess=classifier.preprocess.to_dict(),
+        temperature=temperature,
+        calibration=calibration(log_probs, targets).to_dict() if len(targets) else {},
+        ood=separations,
+        files=[
+            {"path": str(samples[i][0]), "true": classes[t], "predicted": classes[p], "confidence": float(c)}
+            for i, t, p, c in zip(out.rows, targets.tolist(), preds.tolist(), confidence.tolist())
+        ],
+        unreadable=[{"path": str(samples[i][0]), "reason": r} for i, r in sorted(out.errors.items())],
+        skipped=[{"path": str(s.path), "reason": s.reason} for s in found.index.skipped],
+    )
+
+
+def errors_rows(report: EvalReport) -> list[dict[str, Any]]:
+    """Misclassified files, most confident mistakes first."""
+    wrong = [f for f in report.files if f["true"] != f["predicted"]]
+    return sorted(wrong, key=lambda f: -f["confidence"])

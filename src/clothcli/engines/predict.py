@@ -1,0 +1,143 @@
+"""`predict`: classify the images of files, folders and glob patterns on any backend, streaming the results.
+
+The backend (`backends.load_classifier`) turns files into logits; here they become calibrated
+probabilities, top-k labels and "unknown" below the confidence floor, the same way for every format.
+A file that cannot be read is a result with an error, never an abort.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clothcli.backends import Classifier, load_classifier
+from clothcli.data.inputs import collect_inputs
+from clothcli.engines.prediction_writer import ResultWriter, sort_file
+from clothcli.errors import UserError
+from clothcli.metrics import probabilities
+from clothcli.predictions import Prediction, label_row, parse_min_confidence, resolve_min_confidence
+
+
+def rejection_threshold(classifier: Classifier, min_confidence: float | str) -> float:
+    """The top-1 probability below which `classifier`'s label is "unknown" (a number, or "auto")."""
+    return resolve_min_confidence(
+        min_confidence,
+        stored_threshold=classifier.ood_threshold,
+        temperature=classifier.temperature,
+        stored_temperature=classifier.stored_temperature,
+        source=classifier.source,
+    )
+
+
+def predict_files(
+    classifier: Classifier,
+    files: list[Path],
+    *,
+    batch_size: int = 64,
+    workers: int = 2,
+    top_k: int = 1,
+    min_confidence: float | str = 0.0,
+) -> Iterator[Prediction]:
+    """One Prediction per file, in the order of `files`."""
+    threshold = rejection_threshold(classifier, min_confidence)
+    top_k = min(top_k, len(classifier.classes))
+    for batch in classifier.run(files, batch_size, workers):
+        probs = probabilities(batch.logits, classifier.temperature)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+        row_of = {index: row for row, index in enumerate(batch.rows)}
+        for index in batch.indices:
+            if index in batch.errors:
+                yield Prediction(files[index], [], [], batch.errors[index])
+                continue
+            row = row_of[index]
+            top = order[row].tolist()
+            values = [float(probs[row, i]) for i in top]
+            yield Prediction(files[index], label_row(values, top, classifier.classes, threshold), values)
+
+
+@dataclass
+class PredictSummary:
+    total: int = 0
+    classified: int = 0
+    per_class: Counter = field(default_factory=Counter)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    # with --resume: images already in the output file, not classified again
+    already_done: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.total / self.seconds if self.seconds else 0.0
+
+
+def run_predict(
+    *,
+    model: str | Path,
+    inputs: list[str],
+    recursive: bool = True,
+    batch_size: int = 64,
+    workers: int = 2,
+    top_k: int = 1,
+    min_confidence: float | str = 0.0,
+    output: Path | None = None,
+    copy_to: Path | None = None,
+    move_to: Path | None = None,
+    device: str | None = None,
+    on_result: Callable[[Prediction], None] | None = None,
+    resume: bool = False,
+    calibrated: bool = True,
+) -> PredictSummary:
+    """Classify everything `inputs` names with the model at `model`; stream to `output`; sort into folders.
+
+    With `resume`, the images already in `output` (from a run that was interrupted) are skipped and the
+    rest appended, so the file ends as an uninterrupted run writes it."""
+    if resume and output is None:
+        raise UserError("--resume continues an output file: give it with -o")
+    min_confidence = parse_min_confidence(min_confidence)
+    if copy_to and move_to:
+        raise UserError("use either --copy-to or --move-to, not both")
+    found = collect_inputs(inputs, recursive)
+    if found.missing:
+        raise UserError(f"not found: {', '.join(found.missing)}")
+    if not found.files:
+        raise UserError("no image files found in: " + ", ".join(inputs))
+    classifier = load_classifier(model, device=device, calibrated=calibrated)
+    rejection_threshold(classifier, min_confidence)  # an impossible "auto" fails before any file is written
+    summary = PredictSummary()
+    start = time.perf_counter()
+    writer = ResultWriter(output, top_k, resume) if output else None
+    files = found.files
+    if writer is not None and writer.done:
+        files = [f for f in files if str(f) not in writer.done]
+        summary.already_done = len(found.files) - len(files)
+    predictions = (
+        predict_files(
+            classifier, files, batch_size=batch_size, workers=workers, top_k=top_k, min_confidence=min_confidence
+        )
+        if files
+        else ()
+    )
+    try:
+        for p in predictions:
+            summary.total += 1
+            if p.error:
+                summary.errors.append((str(p.path), p.error))
+            else:
+                summary.classified += 1
+                summary.per_class[p.label] += 1
+            if writer:
+                writer.write(p)
+            if copy_to or move_to:
+                sort_file(p, Path(copy_to or move_to), move=bool(move_to))
+            if on_result:
+                on_result(p)
+    finally:
+        if writer:
+            writer.close()
+        summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,223 @@
+"""Tables for the results of evaluate, predict, calibrate, export and compare."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from clothcli.render.console import _fmt_bytes, console, err_console, note, warn
+
+
+def evaluation(report, normalise: bool = False) -> None:
+    """Render the evaluate report: accuracy, averages, per class, confusion matrix."""
+    console.print(
+        f"[bold]{report.arch}[/] on {report.folder} at {report.preprocess['input_size']} px"
+        + (" (with horizontal-flip TTA)" if report.tta_flip else ""),
+        highlight=False,
+    )
+    console.print(
+        f"Accuracy: [bold]{report.accuracy:.2%}[/] [{report.correct}/{report.n}]   error rate {report.error_rate:.2%}",
+        highlight=False,
+    )
+    if report.calibration:
+        scaled = f" (temperature {report.temperature:.3f})" if report.temperature != 1.0 else " (uncalibrated)"
+        console.print(
+            f"Calibration{scaled}: ECE {report.calibration['ece']:.4f}, NLL {report.calibration['nll']:.4f}, "
+            f"Brier {report.calibration['brier']:.4f}",
+            highlight=False,
+        )
+    if report.ood:
+        ood = Table(title="Out-of-distribution images told apart (higher score: more like the classes)")
+        for col in ("score", "AUROC", "threshold", "split images kept", "other images accepted (FPR)"):
+            ood.add_column(col, justify="left" if col == "score" else "right")
+        for row in report.ood:
+            name = {"msp": "max softmax probability", "energy": "energy"}[row["score"]]
+            ood.add_row(
+                name, f"{row['auroc']:.4f}", f"{row['threshold']:.4f}", f"{row['recall']:.1%}", f"{row['fpr']:.1%}"
+            )
+        console.print(ood)
+    averages = Table(title="Averages")
+    for col in ("average", "precision", "recall", "F1"):
+        averages.add_column(col, justify="right" if col != "average" else "left")
+    for name, values in report.averages.items():
+        averages.add_row(name, f"{values['precision']:.4f}", f"{values['recall']:.4f}", f"{values['f1']:.4f}")
+    console.print(averages)
+    per_class = Table(title="Per class")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        per_class.add_column(col, justify="right" if col != "class" else "left")
+    for row in report.per_class:
+        per_class.add_row(
+            row["class"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"])
+        )
+    console.print(per_class)
+    classes = report.classes
+    matrix = Table(title="Confusion matrix (rows: true, columns: predicted)" + (" — normalised" if normalise else ""))
+    matrix.add_column("")
+    for name in classes:
+        matrix.add_column(name[:8], justify="right")
+    for name, row in zip(classes, report.confusion_matrix):
+        total = max(sum(row), 1)
+        matrix.add_row(name, *[(f"{v / total:.2f}" if normalise else str(v)) for v in row])
+    console.print(matrix)
+    if report.unreadable:
+        warn(f"{len(report.unreadable)} unreadable image(s) were not evaluated:")
+        for item in report.unreadable:
+            err_console.print(f"  {item['path']}: {item['reason']}", highlight=False)
+
+
+def predictions(rows: list, summary, top_k: int) -> None:
+    """Results table (first rows), then per-class counts, unreadable files and speed."""
+    if rows:
+        table = Table(
+            title=f"Predictions (first {len(rows)} of {summary.total})" if summary.total > len(rows) else "Predictions"
+        )
+        table.add_column("path", overflow="fold")
+        table.add_column("class")
+        table.add_column("confidence", justify="right")
+        if top_k > 1:
+            table.add_column(f"top {top_k}")
+        for p in rows:
+            if p.error:
+                cells = [str(p.path), "[red]unreadable[/]", "", *([p.error] if top_k > 1 else [])]
+                if top_k == 1:
+                    cells[2] = ""
+                table.add_row(*cells)
+                continue
+            cells = [str(p.path), p.label, f"{p.confidence:.1%}"]
+            if top_k > 1:
+                cells.append(", ".join(f"{lab} {pr:.0%}" for lab, pr in zip(p.labels, p.probs)))
+            table.add_row(*cells)
+        console.print(table)
+    counts = Table(title="Images per predicted class")
+    counts.add_column("class")
+    counts.add_column("images", justify="right")
+    for label, n in sorted(summary.per_class.items(), key=lambda kv: -kv[1]):
+        counts.add_row(label, str(n))
+    console.print(counts)
+    if summary.errors:
+        warn(f"{len(summary.errors)} file(s) could not be read:")
+        for path, reason in summary.errors[:50]:
+            err_console.print(f"  {path}: {reason}", highlight=False)
+    if summary.already_done:
+        note(f"{summary.already_done} image(s) were already in the output file and were not classified again")
+    note(
+        f"{summary.classified} classified, {len(summary.errors)} unreadable, "
+        f"{summary.total} in {summary.seconds:.1f}s ({summary.images_per_s:.0f} images/s)"
+    )
+
+
+def calibration(report, stored: bool) -> None:
+    """Render a `calibration.CalibrationReport`: each split's calibration before and after scaling."""
+    table = Table(title=f"Temperature scaling — {report.checkpoint}")
+    for col in (
+        "split",
+        "accuracy",
+        "ECE before",
+        "ECE after",
+        "NLL before",
+        "NLL after",
+        "Brier before",
+        "Brier after",
+    ):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for split, values in report.splits.items():
+        before, after = values["before"], values["after"]
+        table.add_row(
+            split,
+            f"{report.accuracy[split]:.2%}",
+            f"{before.ece:.4f}",
+            f"{after.ece:.4f}",
+            f"{before.nll:.4f}",
+            f"{after.nll:.4f}",
+            f"{before.brier:.4f}",
+            f"{after.brier:.4f}",
+        )
+    console.print(table)
+    fitted = next(iter(report.splits))
+    where = "stored in the checkpoint" if stored else "not stored (--dry-run)"
+    note(f"temperature {report.temperature:.4f}, fitted on {fitted}: {where}")
+    rejection = report.rejection
+    if rejection:
+        kept = ", ".join(f"{name} {share:.1%}" for name, share in rejection["kept"].items() if name != "ood")
+        aurocs = ", ".join(f"{r['score']} {r['auroc']:.4f}" for r in rejection["separation"])
+        note(
+            f"rejection threshold {rejection['threshold']:.4f} (calibrated top-1 probability, keeps "
+            f"{rejection['recall']:.0%} of {fitted}): keeps {kept}; accepts {rejection['kept']['ood']:.1%} of the "
+            f"{rejection['ood_images']} out-of-distribution images. AUROC on {fitted}: {aurocs}. "
+            + ("predict --min-confidence auto uses it." if stored else "")
+        )
+
+
+def export_report(report) -> None:
+    """Render `export_onnx` output: the file, the verification and, with --int8, both accuracies."""
+    check = report.verification
+    verdict = "[green]passed[/]" if check.passed else "[red]FAILED[/]"
+    console.print(
+        f"ONNX Runtime against PyTorch on {check.images} images ({check.source}): largest logit difference "
+        f"{check.max_abs_diff:.2e} (allowed {check.allowed_diff:.1e}), top-1 agreement {check.top1_agreement:.2%}"
+        + (f" ({check.near_ties} near-ties)" if check.near_ties else "")
+        + ": "
+        + verdict,
+        highlight=False,
+    )
+    if not check.passed:
+        err_console.print(f"[red]not written:[/] {report.path}")
+        return
+    table = Table(title=f"{report.arch} at {report.input_size} px, opset {report.opset}")
+    for col in ("file", "size", "accuracy"):
+        table.add_column(col, justify="left" if col == "file" else "right")
+    int8 = report.int8
+    table.add_row(report.path, _fmt_bytes(report.bytes), f"{int8.fp32_accuracy:.2%}" if int8 else "-")
+    if int8:
+        table.add_row(int8.path, _fmt_bytes(int8.bytes), f"{int8.int8_accuracy:.2%}")
+    console.print(table)
+    if int8:
+        note(
+            f"int8: calibrated on {int8.calibration_images} training images; accuracy on {int8.images} images of "
+            f"{int8.folder}; int8 agrees with fp32 on {int8.top1_agreement:.2%} of them"
+        )
+    note(f"exported in {report.seconds:.1f}s")
+
+
+def comparison(result) -> None:
+    """Render `compare_runs` output: one row per model, the pairwise tests, the verdict."""
+    table = Table(
+        title=f"{result.split} split of {result.data} — latency on {result.device}, {result.threads} threads",
+        caption="95% Wilson interval; front: on the Pareto front of accuracy against latency (L) / MACs (M)",
+    )
+    for col in ("model", "px", "params", "GMACs", "RF", "accuracy", "95% CI", "F1", "ms b1", "ms b64", "train",
+                "front"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("model", "front") else "right")
+
+    def fmt(value, spec: str, scale: float = 1.0) -> str:
+        return "-" if value is None else format(value / scale if scale != 1.0 else value, spec)
+
+    for r in result.rows:
+        table.add_row(
+            r.name + (" (ref.)" if r.reference else ""),
+            fmt(r.input_size, "d"),
+            fmt(r.params, ".2f", 1e6) + ("M" if r.params else ""),
+            fmt(r.macs, ".3f", 1e9),
+            fmt(r.receptive_field, "d"),
+            f"{r.accuracy:.2%}" + ("" if r.reference else f" {r.correct}/{r.n}"),
+            "-" if r.reference else f"{r.ci_low:.1%}–{r.ci_high:.1%}",
+            fmt(None if r.macro_f1 is None else 100 * r.macro_f1, ".2f"),
+            fmt(r.ms_batch1, ".2f"),
+            fmt(r.ms_batch64, ".2f"),
+            "-" if r.train_seconds is None else f"{r.train_seconds / 60:.1f}m",
+            ("L" if r.pareto_latency else "") + ("M" if r.pareto_macs else ""),
+            style="dim" if r.reference else None,
+        )
+    console.print(table)
+    if result.pairs:
+        pairs = Table(title="McNemar's exact test on the same images (bold: p < 0.05)")
+        for col in ("A", "B", "only A right", "only B right", "p"):
+            pairs.add_column(col, justify="left" if col in ("A", "B") else "right")
+        for p in result.pairs:
+            value = f"{p.p_value:.3f}"
+            pairs.add_row(p.a, p.b, str(p.only_a), str(p.only_b), f"[bold]{value}[/]" if p.significant else value)
+        console.print(pairs)
+    cached = [r.name for r in result.rows if r.cached]
+    if cached:
+        note("evaluation reused from the cache for: " + ", ".join(cached))
+    if result.verdict:
+        console.print(f"[bold]Verdict:[/] {result.verdict}", highlight=False)
