@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TIMING_KEYS = {"seconds", "ms_batch1", "ms_batch64", "latency", "cached"}
+TIMING_KEYS = {"seconds", "ms_batch1", "ms_batch64", "latency", "cached", "train_seconds"}
 
 
 def tensor_digest(weights: Path) -> str:
@@ -121,8 +121,28 @@ def numbers_differ(a, b, tolerance: float, where: str, found: list[str]) -> None
         found.append(f"{where}: {str(a)[:80]} != {str(b)[:80]}")
 
 
+def csv_differences(old: Path, new: Path, tolerance: float) -> list[str]:
+    """Cells of two CSV files that differ: numbers beyond `tolerance`, any other text."""
+    import csv
+
+    rows = [list(csv.reader(p.read_text(encoding="utf-8").splitlines())) for p in (old, new)]
+    if len(rows[0]) != len(rows[1]):
+        return [f"{len(rows[0])} rows != {len(rows[1])} rows"]
+    found = []
+    for number, (a, b) in enumerate(zip(*rows)):
+        for x, y in zip(a, b):
+            try:
+                if abs(float(x) - float(y)) > tolerance:
+                    found.append(f"row {number}: {x} != {y}")
+            except ValueError:
+                if x != y:
+                    found.append(f"row {number}: {x[:60]} != {y[:60]}")
+    return found
+
+
 def compare(old: Path, new: Path, tolerance: float) -> int:
-    """Print, per output, identical / equal within `tolerance` / different; exit 1 on a real difference."""
+    """Print, per output, identical / equal within `tolerance` / different; exit 1 on a real difference.
+    Paths into each output folder are compared relative to it (exported files are written there)."""
     old_d, new_d = (json.loads((p / "digests.json").read_text()) for p in (old, new))
     failed = 0
     for key in sorted(set(old_d) | set(new_d)):
@@ -133,12 +153,20 @@ def compare(old: Path, new: Path, tolerance: float) -> int:
             continue
         if key.endswith(".json") and (old / key).is_file() and (new / key).is_file():
             found: list[str] = []
-            a, b = (strip_timings(json.loads((p / key).read_text())) for p in (old, new))
+            a, b = (strip_timings(json.loads((p / key).read_text().replace(str(p), "OUT"))) for p in (old, new))
             numbers_differ(a, b, tolerance, key, found)
             real = [line for line in found if "within" not in line]
             print(f"{'DIFFERENT' if real else 'within':9}  {key}: {len(found)} values differ, {len(real)} beyond "
                   f"{tolerance:g}")  # fmt: skip
             for line in (real or found)[:8]:
+                print("    " + line)
+            failed += bool(real)
+        elif key.endswith(".csv"):
+            # printed with 6 decimals: float32 and float64 probabilities may round to neighbours
+            real = csv_differences(old / key, new / key, tolerance + 1e-9)
+            print(f"{'DIFFERENT' if real else 'within':9}  {key}: no cell beyond {tolerance:g}" if not real else
+                  f"DIFFERENT  {key}: {len(real)} cells")  # fmt: skip
+            for line in real[:8]:
                 print("    " + line)
             failed += bool(real)
         else:

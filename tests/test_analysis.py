@@ -4,7 +4,7 @@ import shutil
 from typer.testing import CliRunner
 
 from clothcli.cli import app
-from clothcli.data.audit import analyze_dataset, balance_weights
+from clothcli.data.audit import audit_dataset, balance_weights
 from conftest import make_dataset, make_image
 
 runner = CliRunner()
@@ -14,7 +14,7 @@ def test_counts_imbalance_and_weights(tmp_path):
     root = make_dataset(tmp_path / "d", {"train": 4, "test": 2})
     for i in range(4, 8):
         make_image(root / "train" / "red" / f"extra{i}.jpg", (200, 30, 30), seed=100 + i)
-    result = analyze_dataset(root)
+    result = audit_dataset(root)
     train = result.splits["train"]
     assert train["total"] == 16 and train["classes"]["red"] == 8 and train["imbalance_ratio"] == 2.0
     weights = result.balance["class_weights"]
@@ -34,7 +34,7 @@ def test_unreadable_files_are_listed_with_reasons(tmp_path):
     good = make_image(root / "train" / "red" / "full.jpg", (10, 200, 10), size=(64, 64), seed=7)
     data = good.read_bytes()
     (root / "train" / "red" / "cut.jpg").write_bytes(data[: len(data) // 2])
-    result = analyze_dataset(root)
+    result = audit_dataset(root)
     reasons = {p["path"].rsplit("/", 1)[1]: p["reason"] for p in result.unreadable}
     assert "0 bytes" in reasons["zero.jpg"]
     assert "not an image" in reasons["text.jpg"]
@@ -54,7 +54,7 @@ def test_exact_and_near_duplicates_across_splits(tmp_path):
     draw.ellipse((70, 30, 110, 80), fill=(0, 90, 200))
     picture.save(root / "train" / "blue" / "big.png")
     picture.resize((60, 45)).save(root / "test" / "green" / "small.jpg", quality=90)
-    result = analyze_dataset(root)
+    result = audit_dataset(root)
     groups = result.duplicates
     exact = [g for g in groups if g["kind"] == "exact"]
     assert any(g["cross_split"] and any("copy.jpg" in p for p in g["paths"]) for g in exact)

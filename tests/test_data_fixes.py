@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from clothcli.cli import app
-from clothcli.data.audit import analyze_dataset
+from clothcli.data.audit import audit_dataset
 from clothcli.data.fix_split import fix_split
 from conftest import COLORS, make_dataset, make_image
 
@@ -87,11 +87,11 @@ def test_fix_split_puts_every_duplicate_group_in_one_split(tmp_path):
     shutil.copy(root / "test" / "blue" / "blue_0.jpg", root / "validation" / "blue" / "v1.jpg")
     shutil.copy(root / "test" / "blue" / "blue_0.jpg", root / "validation" / "blue" / "v2.jpg")  # validation wins
     shutil.copy(root / "train" / "red" / "red_1.jpg", root / "test" / "green" / "conflict.jpg")  # labels disagree
-    before = analyze_dataset(root)
+    before = audit_dataset(root)
     assert sum(g["cross_split"] for g in before.duplicates) == 4
     out = tmp_path / "fixed"
     result = fix_split(root, out)
-    after = analyze_dataset(out)
+    after = audit_dataset(out)
     assert not any(g["cross_split"] for g in after.duplicates)
     assert not any(g["conflicting_labels"] for g in after.duplicates)
     assert (out / "train" / "red" / "red_0.jpg").exists() and not (out / "test" / "red" / "leak.jpg").exists()
@@ -108,9 +108,9 @@ def test_fix_split_puts_every_duplicate_group_in_one_split(tmp_path):
     assert (out / "train" / "red" / "red_2.jpg").stat().st_ino == (root / "train" / "red" / "red_2.jpg").stat().st_ino
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["files"]) == sum(1 for _ in root.rglob("*.jpg"))
-    assert sorted(analyze_dataset(root).to_dict()["splits"]) == sorted(before.to_dict()["splits"])  # source unchanged
+    assert sorted(audit_dataset(root).to_dict()["splits"]) == sorted(before.to_dict()["splits"])  # source unchanged
     kept = fix_split(root, tmp_path / "kept", keep_conflicts=True)
-    assert not kept.left_out and not any(g["cross_split"] for g in analyze_dataset(tmp_path / "kept").duplicates)
+    assert not kept.left_out and not any(g["cross_split"] for g in audit_dataset(tmp_path / "kept").duplicates)
 
 
 def test_fix_split_bad_output_is_one_line(tmp_path):

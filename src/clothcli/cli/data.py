@@ -56,7 +56,7 @@ def analyze_data(
 ) -> None:
     """Counts, balance, image sizes, unreadable files and duplicates/leakage across splits; optionally
     suspected label errors and a copy of the dataset with leaks fixed."""
-    from clothcli.data.audit import analyze_dataset
+    from clothcli.data.audit import audit_dataset
     from clothcli.render import plots
 
     if download and not data_dir.exists():
@@ -66,7 +66,7 @@ def analyze_data(
 
         require_data_extra()  # before any image is read
     with render.progress_bar("reading images") as update:
-        analysis = analyze_dataset(data_dir, deep=deep, workers=workers, progress=update)
+        analysis = audit_dataset(data_dir, deep=deep, workers=workers, progress=update)
     render.analysis(analysis)
     save_json(json_path, analysis.to_dict())
     save(plot, lambda path: plots.class_distribution(analysis, path))

@@ -31,7 +31,7 @@ _PNG_END = b"IEND"
 
 
 @dataclass
-class FileReport:
+class FileAudit:
     """What one pass learnt about one file."""
 
     path: Path
@@ -65,10 +65,10 @@ def _tail_looks_truncated(data: bytes, fmt: str) -> bool:
     return False
 
 
-def inspect_file(path: Path, split: str, label: str, deep: bool = False) -> FileReport:
+def inspect_file(path: Path, split: str, label: str, deep: bool = False) -> FileAudit:
     """Header, hashes and an end-marker check (full decode with `deep`) for one file."""
     data = path.read_bytes()
-    report = FileReport(path=path, split=split, label=label, size_bytes=len(data))
+    report = FileAudit(path=path, split=split, label=label, size_bytes=len(data))
     report.sha256 = hashlib.sha256(data).hexdigest()
     try:
         info = read_info(path)
@@ -117,7 +117,7 @@ def _groups(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
     return [sorted(g) for g in members.values() if len(g) > 1]
 
 
-def find_duplicates(reports: list[FileReport], max_bits: int = NEAR_DUPLICATE_BITS) -> list[dict]:
+def find_duplicates(reports: list[FileAudit], max_bits: int = NEAR_DUPLICATE_BITS) -> list[dict]:
     """Groups of identical (same bytes) or near-identical (dHash within `max_bits` of 256) images."""
     ok = [r for r in reports if r.dhash is not None]
     pairs: list[tuple[int, int]] = []
@@ -167,7 +167,7 @@ def balance_weights(counts: list[int]) -> dict[str, list[float]]:
 
 
 @dataclass
-class DatasetAnalysis:
+class DatasetAudit:
     """What `analyze-data` found; each field is plain data, as the JSON output holds it."""
 
     root: str
@@ -184,18 +184,18 @@ class DatasetAnalysis:
         return asdict(self)
 
 
-def analyze_dataset(
+def audit_dataset(
     root: str | Path,
     deep: bool = False,
     workers: int = 4,
     progress: Callable[[int, int], None] | None = None,
-) -> DatasetAnalysis:
+) -> DatasetAudit:
     """Analyse every split of `root`."""
     index: DatasetIndex = index_dataset(root)
     jobs = [
         (path, split.name, index.classes[target]) for split in index.splits.values() for path, target in split.samples
     ]
-    reports: list[FileReport] = []
+    reports: list[FileAudit] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for i, report in enumerate(pool.map(lambda j: inspect_file(*j, deep=deep), jobs), 1):
             reports.append(report)
@@ -223,7 +223,7 @@ def analyze_dataset(
     aspect_bins = Counter(
         "portrait (<0.9)" if a < 0.9 else "landscape (>1.1)" if a > 1.1 else "square-ish" for a in aspects
     )
-    return DatasetAnalysis(
+    return DatasetAudit(
         root=str(index.root),
         classes=index.classes,
         splits=splits,

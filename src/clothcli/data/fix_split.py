@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clothcli.data.audit import DatasetAnalysis, analyze_dataset
+from clothcli.data.audit import DatasetAudit, audit_dataset
 from clothcli.errors import UserError
 from clothcli.io_utils import atomic_write_text
 
@@ -60,16 +60,16 @@ def fix_split(
     keep_conflicts: bool = False,
     workers: int = 4,
     progress: Callable[[int, int], None] | None = None,
-    analysis: DatasetAnalysis | None = None,
+    analysis: DatasetAudit | None = None,
 ) -> SplitFix:
     """Write the fixed copy of the dataset at `root` into `out` (which must not exist or be empty).
-    `analysis` is `analyze_dataset(root)` when the caller has it already."""
+    `analysis` is `audit_dataset(root)` when the caller has it already."""
     root, out = Path(root), Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty; --fix-split writes a new dataset folder")
     if out.resolve().is_relative_to(root.resolve()):
         raise UserError(f"{out}: must be outside the dataset folder {root}")
-    analysis = analysis or analyze_dataset(root, workers=workers, progress=progress)
+    analysis = analysis or audit_dataset(root, workers=workers, progress=progress)
     root = Path(analysis.root)
     destination_of: dict[str, Path | None] = {}
     result = SplitFix(out)

@@ -31,7 +31,7 @@ THUMBNAIL_SIDE = 160
 
 
 @dataclass
-class ReportResult:
+class HtmlReport:
     """What `build_report` wrote, and a few numbers to show on the terminal."""
 
     path: Path
@@ -160,7 +160,7 @@ def build_report(
     mistakes: int = 12,
     batch_size: int = 64,
     workers: int = 2,
-) -> ReportResult:
+) -> HtmlReport:
     """Evaluate a run's best checkpoint (or an exported file) on `split` of `data` (default: the dataset
     the run was trained on) and write the report to `output`; with `data` given, the dataset's audit is
     included."""
@@ -186,9 +186,9 @@ def build_report(
     history = read_history(run) if run is not None else []
     audit = None
     if audit_data is not None:
-        from clothcli.data.audit import analyze_dataset
+        from clothcli.data.audit import audit_dataset
 
-        audit = analyze_dataset(audit_data, deep=True).to_dict()
+        audit = audit_dataset(audit_data, deep=True).to_dict()
     samples = _samples(evaluation.files, evaluation.classes, per_class)
     worst = [_item(row) for row in errors_rows(evaluation)[:mistakes]]
     context = {
@@ -210,7 +210,7 @@ def build_report(
     html = environment.get_template("report.html.j2").render(**context)
     atomic_write_text(output, html)
     sections = ["run", "training curves" if history else "", "results", "samples", "mistakes", "audit" if audit else ""]
-    return ReportResult(
+    return HtmlReport(
         path=output,
         bytes=output.stat().st_size,
         split=split,

@@ -8,7 +8,7 @@ from clothcli.render.console import _fmt_bytes, _relative, console, err_console,
 
 
 def analysis(result) -> None:
-    """Render `analyze_dataset` output: counts, image properties, then what is wrong."""
+    """Render `audit_dataset` output: counts, image properties, then what is wrong."""
     _counts(result)
     _properties(result.images)
     _problems(result)
