@@ -194,6 +194,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 
+MAX_CONFIG_BYTES = 1024 * 1024  # a config is a few kB: a larger file is not one
 PATH_KEYS = ("output_dir", "data.root", "data.cache_dir", "model.weights", "distill.teacher")
 
 
@@ -338,10 +339,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping with safe_load, turning every failure into a UserError."""
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"{path}: larger than {MAX_CONFIG_BYTES:,} bytes; not a clothcli config")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise UserError(f"{path}: YAML nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clothcli.errors import UserError
-
-UNKNOWN = "unknown"
+from clothcli.names import UNKNOWN
 
 
 @dataclass

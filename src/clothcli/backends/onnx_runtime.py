@@ -26,6 +26,8 @@ from clothcli.data.preprocess import Preprocess
 from clothcli.errors import UserError
 from clothcli.formats import ONNX
 from clothcli.io_utils import atomic_path
+from clothcli.names import check_class_names
+from clothcli.untrusted import parse_json
 
 EXPORT_EXTRA = "pip install 'clothcli[export]'"
 METADATA_KEY = "clothcli"  # the checkpoint's meta as JSON, in the model's metadata_props
@@ -46,13 +48,35 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
     text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if not text:
         raise UserError(f"{path}: no class names inside; export it with `clothcli export`")
+    meta = parse_json(text, path)
     try:
-        meta = json.loads(text)
         Preprocess.from_dict(meta["preprocess"])
-        classes = [str(c) for c in meta["classes"]]
-    except (ValueError, KeyError, TypeError):
+        classes = check_class_names(meta["classes"], str(path))
+    except (KeyError, TypeError, ValueError):
         raise UserError(f"{path}: its clothcli metadata is not readable (classes and preprocess)") from None
     return {**meta, "classes": classes}
+
+
+def check_external_data(path: Path) -> None:
+    """A UserError when a tensor of the graph keeps its data in a file outside the model's folder (ONNX's
+    external data names a file by a path the graph itself holds). Needs the `onnx` package, which the
+    export extra installs beside ONNX Runtime; a file it cannot parse is left to ONNX Runtime to refuse."""
+    try:
+        import onnx
+        from onnx.external_data_helper import _get_all_tensors
+
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not installed, or not a protobuf: ONNX Runtime says so in its own words
+        return
+    folder = path.parent.resolve()
+    for tensor in _get_all_tensors(graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        if not (folder / location).resolve().is_relative_to(folder):
+            raise UserError(
+                f"{path}: tensor '{tensor.name}' reads its data from '{location}', outside the model's folder"
+            )
 
 
 def open_session(path: str | Path, threads: int | None = None) -> Any:
@@ -61,6 +85,7 @@ def open_session(path: str | Path, threads: int | None = None) -> Any:
     if not path.is_file():
         raise UserError(f"model not found: {path}")
     ort = import_onnxruntime()
+    check_external_data(path)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # idle threads sleep instead of spinning, leaving the cores to the threads that decode the next batch

@@ -43,9 +43,12 @@ def _target_split(splits: list[str]) -> str:
     return min(tied, key=lambda s: SPLIT_PREFERENCE.index(s) if s in SPLIT_PREFERENCE else len(SPLIT_PREFERENCE))
 
 
-def _place(source: Path, destination: Path) -> bool:
-    """Hard-link `source` to `destination` (True), or copy it where links are not possible (False)."""
+def _place(source: Path, destination: Path, root: Path) -> bool:
+    """Hard-link `source` to `destination` (True), or copy it where links are not possible (False); never
+    outside `root`, also through a link planted in it."""
     destination.parent.mkdir(parents=True, exist_ok=True)
+    if not Path(os.path.realpath(destination.parent)).is_relative_to(os.path.realpath(root)):
+        raise UserError(f"{destination}: outside {root}; refusing to write there")
     try:
         os.link(source, destination)
         return True
@@ -100,7 +103,7 @@ def fix_split(
             if target is not None:
                 if target.exists():
                     target = target.with_name(f"{target.stem}-{split_name}{target.suffix}")
-                result.hard_links += _place(path, target)
+                result.hard_links += _place(path, target, out)
                 result.files += 1
             entries.append({"source": str(path), "destination": str(target) if target else None})
     result.manifest = out / MANIFEST

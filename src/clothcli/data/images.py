@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,10 @@ def _describe(exc: BaseException) -> str:
 
 
 def _open(path: Path) -> Image.Image:
-    if path.stat().st_size == 0:
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block the read forever
+        raise ImageReadError("not a regular file")
+    if info.st_size == 0:
         raise ImageReadError("empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)

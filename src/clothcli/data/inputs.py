@@ -40,7 +40,7 @@ def collect_inputs(items: list[str], recursive: bool = True) -> Inputs:
                     out.skipped += 1
                     continue
                 path = Path(current) / name
-                if path.exists():
+                if path.is_file():  # regular files only: a FIFO named like an image would block
                     add(path)
 
     for item in items:

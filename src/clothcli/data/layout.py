@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clothcli.errors import UserError
+from clothcli.names import check_class_names, folder_name
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -90,6 +91,8 @@ def walk_images(directory: Path) -> tuple[list[Path], list[Skipped]]:
                 skipped.append(Skipped(path, "hidden file"))
             elif not is_image_name(name):
                 skipped.append(Skipped(path, "not an image extension"))
+            elif not path.is_file():  # a FIFO or a device named like an image would block a reader
+                skipped.append(Skipped(path, "not a regular file"))
             else:
                 images.append(path)
     return images, skipped
@@ -134,7 +137,8 @@ def index_folder(directory: Path, classes: list[str], name: str = "folder") -> S
         if entry.is_file():
             reason = "hidden file" if is_hidden(entry.name) else "not inside a class folder"
             split.skipped.append(Skipped(entry, reason))
-    lookup = {c: i for i, c in enumerate(classes)}
+    # a label with a slash lives in its derived folder (`names.folder_name`), as predict --copy-to sorts it
+    lookup = {folder_name(c): i for i, c in enumerate(classes)} | {c: i for i, c in enumerate(classes)}
     for class_dir in class_dirs(directory):
         if class_dir.name not in lookup:
             raise UserError(
@@ -157,6 +161,7 @@ def index_dataset(root: str | Path, splits: tuple[str, ...] = ("train", "validat
     classes = [d.name for d in class_dirs(train_dir)]
     if not classes:
         raise UserError(f"{train_dir}: no class folders (expected train/<class>/<image>)")
+    check_class_names(classes, str(train_dir))
     index = DatasetIndex(root=root, classes=classes, splits={})
     for split_name in ("train", *[s for s in splits if s != "train"]):
         directory = find_split_dir(root, split_name)

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from scipy.stats import binomtest
 
 from clothcli.errors import UserError
+from clothcli.names import name_problem
 
 SIGNIFICANCE = 0.05
 LATENCY_TIE = 0.05  # relative: closer costs are within timing noise
@@ -118,6 +119,9 @@ def read_references(path: Path) -> list[ModelRow]:
         raise UserError(f"{path}: expected a list of rows (name, accuracy, ...)")
     rows = []
     for i, entry in enumerate(entries, 1):
+        problem = name_problem(str(entry.get("name", ""))) if isinstance(entry, dict) else None
+        if problem is not None:
+            raise UserError(f"{path}: row {i}: bad name: {problem}")
         try:
             macs = entry.get("macs")
             rows.append(

@@ -20,7 +20,8 @@ from clothcli.data.inputs import collect_inputs
 from clothcli.engines.prediction_writer import ResultWriter, sort_file
 from clothcli.errors import UserError
 from clothcli.metrics import probabilities
-from clothcli.predictions import Prediction, label_row, parse_min_confidence, resolve_min_confidence
+from clothcli.names import class_folders
+from clothcli.predictions import UNKNOWN, Prediction, label_row, parse_min_confidence, resolve_min_confidence
 
 
 def rejection_threshold(classifier: Classifier, min_confidence: float | str) -> float:
@@ -108,6 +109,8 @@ def run_predict(
         raise UserError("no image files found in: " + ", ".join(inputs))
     classifier = load_classifier(model, device=device, calibrated=calibrated)
     rejection_threshold(classifier, min_confidence)  # an impossible "auto" fails before any file is written
+    # one safe, distinct folder per label (a label may hold a slash), "unknown" among them
+    folders = class_folders([*classifier.classes, UNKNOWN]) if copy_to or move_to else {}
     summary = PredictSummary()
     start = time.perf_counter()
     writer = ResultWriter(output, top_k, resume) if output else None
@@ -133,7 +136,7 @@ def run_predict(
             if writer:
                 writer.write(p)
             if copy_to or move_to:
-                sort_file(p, Path(copy_to or move_to), move=bool(move_to))
+                sort_file(p, Path(copy_to or move_to), folders, move=bool(move_to))
             if on_result:
                 on_result(p)
     finally:

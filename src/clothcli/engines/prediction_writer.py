@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, TextIO
 
 from clothcli.errors import UserError
 from clothcli.io_utils import fault_point
 from clothcli.predictions import Prediction
+from clothcli.safe_files import place_file
 
 
 class ResultWriter:
@@ -93,26 +92,9 @@ class ResultWriter:
         self.fh.close()
 
 
-def unique_destination(folder: Path, name: str) -> Path:
-    """folder/name, or folder/stem-1.ext, -2 ... : never an existing file."""
-    target = folder / name
-    stem, suffix = os.path.splitext(name)
-    n = 1
-    while target.exists() or target.is_symlink():
-        target = folder / f"{stem}-{n}{suffix}"
-        n += 1
-    return target
-
-
-def sort_file(p: Prediction, root: Path, move: bool) -> Path | None:
-    """Copy or move a classified file into root/<label>/; unreadable files stay where they are."""
+def sort_file(p: Prediction, root: Path, folders: dict[str, str], move: bool) -> Path | None:
+    """Copy or move a classified file into root/<its label's folder>/ (`data.names.class_folders`);
+    unreadable files stay where they are."""
     if p.error or not p.label:
         return None
-    folder = root / p.label
-    folder.mkdir(parents=True, exist_ok=True)
-    target = unique_destination(folder, p.path.name)
-    if move:
-        shutil.move(str(p.path), str(target))
-    else:
-        shutil.copy2(p.path, target)
-    return target
+    return place_file(p.path, root, folders[p.label], move=move)

@@ -16,8 +16,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clothcli import __version__
+from clothcli.data.preprocess import Preprocess
 from clothcli.errors import UserError
 from clothcli.io_utils import fault_point, readable_dir, recover_dir, replace_dir, staging_dir
+from clothcli.names import check_class_names
+from clothcli.safe_files import refuse_links
+from clothcli.untrusted import read_json
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
@@ -84,13 +88,20 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     directory = find_checkpoint(path)
-    try:
-        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{directory / META_FILE}: unreadable checkpoint metadata ({exc})") from None
+    source = directory / META_FILE
+    meta = read_json(source)
+    if not isinstance(meta, dict):
+        raise UserError(f"{source}: not a clothcli checkpoint description (expected a JSON object)")
     for key in ("arch", "classes", "preprocess"):
         if key not in meta:
-            raise UserError(f"{directory / META_FILE}: missing '{key}'")
+            raise UserError(f"{source}: missing '{key}'")
+    if not isinstance(meta["arch"], str) or not isinstance(meta.get("model_kwargs", {}), dict):
+        raise UserError(f"{source}: 'arch' must be a timm name and 'model_kwargs' a mapping")
+    check_class_names(meta["classes"], str(source))
+    try:
+        Preprocess.from_dict(meta["preprocess"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{source}: 'preprocess' is not a preprocessing description") from None
     meta["directory"] = str(directory)
     return meta
 
@@ -124,6 +135,7 @@ def update_meta(path: str | Path, **values: Any) -> Path:
 
     meta = read_meta(path)
     directory = Path(meta.pop("directory"))
+    refuse_links(directory, directory / META_FILE)
     meta.update(values)
     atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
     return directory

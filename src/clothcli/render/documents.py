@@ -61,8 +61,8 @@ def comparison_markdown(comparison: Any) -> str:
     """The comparison as a Markdown document: the table, the pairwise tests and the verdict."""
     lines = [
         f"Split `{comparison.split}` of `{comparison.data}`; latency on {comparison.device}, "
-        f"{comparison.threads} threads, median of repeated runs, once per network (architecture and input "
-        "size). ◆ on the Pareto front (accuracy against "
+        f"{comparison.threads} threads, median of repeated runs, each model through its own runtime, once per "
+        "network and format. ◆ on the Pareto front (accuracy against "
         "latency / against MACs). Reference rows were measured elsewhere and are not tested here.",
         "",
         "| model | arch | input | params | GMACs | RF px | accuracy [95% CI] | macro-F1 | ms/img b1 | ms/img b64 "

@@ -33,11 +33,11 @@ from clothcli.runtime import describe_hardware, plain_model
 from clothcli.training.distill import teacher_seconds
 from clothcli.training.run_folder import (
     CONFIG_FILE,
-    STATE_DIR,
     TrainerState,
     checkpoint_meta,
     create_run_dir,
     disk_full_is_a_user_error,
+    load_state,
     metrics_row,
     read_resume_point,
     save_epoch,
@@ -93,7 +93,7 @@ def train(
         start_tracking(accelerator, cfg, loop.run_path, resume_step=None)
     else:
         loop.run_path, loop.state = Path(resume), point.state
-        accelerator.load_state(str(loop.run_path / STATE_DIR))
+        load_state(accelerator, loop.run_path, loop.averaged, loop.scheduler)
         start_tracking(accelerator, cfg, loop.run_path, resume_step=loop.updates_done(loop.state.epoch))
         reporter.message(f"resuming {loop.run_path} at epoch {loop.state.epoch + 2}")
     if accelerator.num_processes > 1:
@@ -172,9 +172,8 @@ class _Loop:
         swa = cfg.train.swa
         self.swa_start = int(cfg.train.epochs * swa.start) if swa.enabled else None
         self.swa_model = AveragedModel(unwrapped) if swa.enabled else None
-        for obj in (self.scheduler, self.ema, self.swa_model):
-            if obj is not None:
-                setup.accelerator.register_for_checkpointing(obj)
+        # the EMA and SWA models live beside accelerate's state as safetensors (`run_folder.save_state`)
+        self.averaged = {name: m for name, m in (("ema", self.ema), ("swa", self.swa_model)) if m is not None}
         self.eval_model = self.ema.module if self.ema is not None else setup.model
 
     def updates_done(self, epoch: int) -> int:
@@ -238,7 +237,7 @@ class _Loop:
             save_epoch(
                 s.accelerator, self.run_path, self.eval_model, self.meta_base, row, monitor, improved, state.history
             )
-            save_state(s.accelerator, self.run_path, state)
+            save_state(s.accelerator, self.run_path, state, self.averaged, self.scheduler)
         self.reporter.epoch_end(row)
         if stop:
             self.reporter.message(f"early stopping: {monitor} did not improve for {patience} epochs")

@@ -4,7 +4,8 @@
 config.yaml   the resolved config
 metrics.csv   one row per epoch (METRIC_FIELDS), plus an `swa` row when SWA is on
 best/ last/   checkpoints (model.safetensors + checkpoint.json), swa/ with SWA
-state/        accelerate's full state (model, optimizer, scheduler, EMA, SWA, RNG) + trainer_state.json
+state/        accelerate's state (model, optimizer, RNG), averaged_weights.safetensors (EMA, SWA),
+              scheduler.json and trainer_state.json: all of it loads as data, nothing is unpickled
 ```
 
 Every file and folder is written beside its final place and swapped in, so a crash leaves the
@@ -19,6 +20,7 @@ import errno
 import io
 import json
 import math
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clothcli.config import Config, from_dict, read_yaml, to_dict
@@ -34,6 +37,8 @@ from clothcli.errors import UserError
 from clothcli.io_utils import atomic_write_text, fault_point, recover_dir, replace_dir, staging_dir
 from clothcli.models.checkpoint import save_checkpoint
 from clothcli.runtime import plain_model
+from clothcli.safe_files import refuse_links
+from clothcli.untrusted import read_json
 
 METRIC_FIELDS = [
     "epoch",
@@ -52,6 +57,12 @@ METRIC_FIELDS = [
 CONFIG_FILE = "config.yaml"
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
+AVERAGED_STATE = "averaged_weights.safetensors"  # the EMA and SWA models, prefixed "ema." and "swa."
+SCHEDULER_STATE = "scheduler.json"
+# what accelerate's save_state writes with safe_serialization (per process: random_states_N.pkl)
+ACCELERATE_FILES = ("model.safetensors", "optimizer.bin")
+UNTOUCHED = "the last good checkpoint (best/, last/) is untouched"
+RANDOM_STATES = re.compile(r"random_states_\d+\.pkl")
 
 
 @dataclass
@@ -116,6 +127,10 @@ def create_run_dir(output_dir: Path, name: str) -> Path:
 def read_resume_point(run_dir: str | Path) -> ResumePoint:
     """The recorded config and loop state of a run folder, or a UserError saying what is missing."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
+    # resuming writes into these: a link would send the writes outside the run folder
+    refuse_links(*(run_dir / name for name in (STATE_DIR, "last", "best", "swa", CONFIG_FILE, "metrics.csv")))
     for folder in (STATE_DIR, "last", "best", "swa"):  # a swap a kill interrupted
         recover_dir(run_dir / folder)
     for leftover in run_dir.glob(".*.tmp"):  # files a killed process was writing; never complete
@@ -123,11 +138,12 @@ def read_resume_point(run_dir: str | Path) -> ResumePoint:
     state_file = run_dir / STATE_DIR / TRAINER_STATE
     if not state_file.is_file():
         raise UserError(f"{run_dir}: nothing to resume (no {STATE_DIR}/{TRAINER_STATE})")
+    check_state_files(run_dir / STATE_DIR)
     config_file = run_dir / CONFIG_FILE
     config = from_dict(read_yaml(config_file), str(config_file))
     try:
-        state = TrainerState(**json.loads(state_file.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError) as exc:
+        state = TrainerState(**read_json(state_file))
+    except TypeError as exc:
         raise UserError(f"{state_file}: unreadable training state ({exc})") from None
     return ResumePoint(config, state)
 
@@ -212,8 +228,16 @@ def save_epoch(
     write_metrics(run_dir, history)
 
 
-def save_state(accelerator: Accelerator, run_dir: Path, trainer_state: TrainerState) -> None:
-    """accelerate's full state (model, optimizer, scheduler, EMA, SWA, RNG) swapped in atomically."""
+def save_state(
+    accelerator: Accelerator,
+    run_dir: Path,
+    trainer_state: TrainerState,
+    averaged: dict[str, nn.Module],
+    scheduler: Any,
+) -> None:
+    """accelerate's state (model, optimizer, RNG) with the averaged models as safetensors and the
+    scheduler as JSON, swapped in atomically. Nothing goes through accelerate's custom-object pickles,
+    so `--resume` loads every file as data."""
     target = run_dir / STATE_DIR
     staging = staging_dir(target)
     if accelerator.is_main_process:
@@ -225,6 +249,13 @@ def save_state(accelerator: Accelerator, run_dir: Path, trainer_state: TrainerSt
         accelerator.save_state(str(staging), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            tensors = {
+                f"{name}.{key}": value.detach().to("cpu").contiguous()
+                for name, module in averaged.items()
+                for key, value in module.state_dict().items()
+            }
+            save_file(tensors, str(staging / AVERAGED_STATE))
+            atomic_write_text(staging / SCHEDULER_STATE, json.dumps(scheduler.state_dict()))
             fault_point()
             atomic_write_text(staging / TRAINER_STATE, json.dumps(asdict(trainer_state), default=str))
     except BaseException:
@@ -234,3 +265,59 @@ def save_state(accelerator: Accelerator, run_dir: Path, trainer_state: TrainerSt
     if accelerator.is_main_process:
         replace_dir(staging, target)
     accelerator.wait_for_everyone()
+
+
+def check_state_files(state_dir: Path) -> None:
+    """Every file `--resume` will read is a regular file that loads as data; a UserError naming the first
+    that is not (a link, a foreign pickle, a corrupt tensor file) and saying what is left intact."""
+    from accelerate.utils import load
+    from safetensors import safe_open
+
+    expected = {TRAINER_STATE, AVERAGED_STATE, SCHEDULER_STATE, *ACCELERATE_FILES, "random_states_0.pkl"}
+    for entry in sorted(state_dir.iterdir()):
+        if entry.is_symlink() or not entry.is_file():
+            raise UserError(f"{entry}: not a regular file in the training state; {UNTOUCHED}")
+        if RANDOM_STATES.fullmatch(entry.name):
+            expected.add(entry.name)  # one per process of the run that wrote it
+        elif entry.name not in expected:
+            raise UserError(
+                f"{entry}: not part of the training state this clothcli writes (reading it would mean unpickling, "
+                f"which can run code; state written by clothcli before 0.2 holds such files); {UNTOUCHED}"
+            )
+    for name in sorted(expected - {TRAINER_STATE}):
+        path = state_dir / name
+        if not path.is_file():
+            raise UserError(f"{path}: missing from the training state; {UNTOUCHED}")
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as tensors:
+                    tensors.keys()
+            elif path.suffix == ".json":
+                read_json(path)
+            else:
+                load(str(path), map_location="cpu")  # weights_only: tensors and plain values, never code
+        except UserError:
+            raise
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise UserError(f"{path}: not loadable as data ({reason}); {UNTOUCHED}") from None
+
+
+def load_state(
+    accelerator: Accelerator, run_dir: Path, averaged: dict[str, nn.Module], scheduler: Any
+) -> None:
+    """The state `save_state` wrote, back into the prepared objects (`read_resume_point` has checked that
+    every file loads as data)."""
+    state_dir = run_dir / STATE_DIR
+    try:
+        accelerator.load_state(str(state_dir))
+        tensors = load_file(str(state_dir / AVERAGED_STATE))
+        for name, module in averaged.items():
+            prefix = name + "."
+            module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        scheduler.load_state_dict(read_json(state_dir / SCHEDULER_STATE))
+    except UserError:
+        raise
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{state_dir}: the training state does not fit this run ({reason}); {UNTOUCHED}") from None
