@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device-machine session for issue 7's GPU figures, run from the repository root there:
+# One device-machine session for the GPU figures, run from the repository root there:
 #   here:  python benchmarks/device/pack.py --data ../shared/datasets/clothing-dataset-small \
 #              --weights ../shared/weights/tf_mobilenetv3_small_100.in1k.safetensors
 #   then:  run(command="bash benchmarks/device/session.sh", carry=[".device"], timeout_s=540)
@@ -37,6 +37,10 @@ done
 python3 benchmarks/predict_throughput.py /tmp/runs/gpu-40 $DATA --workers $WORKERS --json "$RES/predict.json" 2>&1 | tail -11
 python3 benchmarks/train_throughput.py --data $DATA --weights "$WEIGHTS" --size 224 --batch 256 \
     --workers $WORKERS --epochs $BENCH_EPOCHS --json "$RES/train_throughput.json" 2>&1 | tail -14
+# The backend interface on a GPU: the run and its SWA checkpoint side by side through the PyTorch backend
+# (uint8 batches normalised on the device), latency timed there too.
+python3 -m clothcli compare /tmp/runs/gpu-40 /tmp/runs/gpu-40/swa --data $DATA --split test --device cuda \
+    --no-cache -o "$RES/compare_gpu.json" 2>&1 | tail -8
 # torch.compile (inductor) last, so the figures above survive a cut: the first step's time (compilation
 # included) is printed apart, and the later epochs show the compiled speed.
 python3 -m clothcli train conf/mobilenet.yaml --data $DATA --weights "$WEIGHTS" --name gpu-compile --epochs 5 \
