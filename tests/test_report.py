@@ -117,3 +117,20 @@ def test_report_renders_in_chromium(page, tmp_path):
         capture_output=True, timeout=120, check=True,
     )  # fmt: skip
     assert Image.open(shot).size == (1280, 2000)
+
+
+def test_report_of_an_exported_model(trained, tmp_path):
+    """An .onnx file has no run folder: the page has its results and samples, no training curves."""
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    from clothcli.engines.export import export_onnx
+
+    run, data = trained
+    model = tmp_path / "tiny.onnx"
+    export_onnx(checkpoint=run, output=model)
+    result = runner.invoke(app, ["report", str(model), str(data), "-o", str(tmp_path / "r.html"), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert 'id="results"' in html and 'id="samples"' in html and 'id="curves"' not in html
+    assert "tiny.onnx" in html and "training curves" not in result.output
+    by_run = build_report(model=run, data=data, output=tmp_path / "run.html", per_class=1, mistakes=0)
+    assert f"{by_run.accuracy:.2%}" in " ".join(result.output.split())  # the export scores what its run does
