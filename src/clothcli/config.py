@@ -29,9 +29,24 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 
 @dataclass
+class SplitConfig:
+    """How images without split folders are split: validation and test shares, drawn per duplicate group
+    by a hash of the group and `seed` (its own seed, so training seeds never move the test set)."""
+
+    validation: float = field(default=0.1, metadata=_range(0.0, 0.5))
+    test: float = field(default=0.1, metadata=_range(0.0, 0.5))
+    seed: int = 0
+    # a dataset with train/ but no validation/ gets its validation carved out of train
+    carve_validation: bool = False
+    # duplicates whose labels disagree are left out unless kept (each with its own label)
+    keep_conflicts: bool = False
+
+
+@dataclass
 class DataConfig:
     """Where the dataset lives and how it is read."""
 
+    # a folder split/class/image, a folder class/image (split here), or a label file (.csv, .jsonl)
     root: str | None = None
     download: bool = False
     num_workers: int = field(default=2, metadata=_range(0, 256))
@@ -40,6 +55,11 @@ class DataConfig:
     # where colour jitter and normalisation run: in the loader workers, or batched on the training
     # device (needs the cache); auto = device on a GPU, workers on a CPU
     augment_on: Literal["auto", "workers", "device"] = "auto"
+    split: SplitConfig = field(default_factory=SplitConfig)
+    # a label file's columns: the image's path (relative to the file's folder), its label, its split
+    path_column: str = "path"
+    label_column: str = "label"
+    split_column: str = "split"
 
 
 @dataclass

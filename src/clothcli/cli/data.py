@@ -13,7 +13,10 @@ from clothcli.errors import UserError
 
 
 def analyze_data(
-    data_dir: Annotated[Path, typer.Argument(help="Dataset folder with train/, validation/ (or val/) and test/.")],
+    data_dir: Annotated[
+        Path,
+        typer.Argument(help="Dataset: split/class/image folders, an unsplit class/image folder, or a label file."),
+    ],
     deep: Annotated[bool, typer.Option(help="Fully decode every image (finds corrupt pixel data, slower).")] = False,
     json_path: JsonOption = None,
     plot: Annotated[
@@ -53,6 +56,13 @@ def analyze_data(
     keep_conflicts: Annotated[
         bool, typer.Option(help="With --fix-split, keep duplicates whose labels disagree (left out otherwise).")
     ] = False,
+    write_splits: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the split training would use (path, class, split, group) as a CSV that --data can take.",
+            show_default="not written",
+        ),
+    ] = None,
 ) -> None:
     """Counts, balance, image sizes, unreadable files and duplicates/leakage across splits; optionally
     suspected label errors and a copy of the dataset with leaks fixed."""
@@ -69,6 +79,13 @@ def analyze_data(
         analysis = audit_dataset(data_dir, deep=deep, workers=workers, progress=update)
     render.analysis(analysis)
     save_json(json_path, analysis.to_dict())
+    if write_splits:
+        from clothcli.data.sources import describe_split, write_split_file
+
+        written = write_split_file(data_dir, write_splits)
+        if written.plan is not None:
+            render.note(describe_split(written.plan, written.index, 0))
+        render.note(f"wrote {write_splits}")
     save(plot, lambda path: plots.class_distribution(analysis, path))
     if label_issues:
         _label_issues(data_dir, checkpoint, model, weights, folds, issues, contact_sheet, top)

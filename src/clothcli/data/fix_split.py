@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clothcli.data.audit import DatasetAudit, audit_dataset
+from clothcli.data.layout import find_split_dir
 from clothcli.errors import UserError
 from clothcli.io_utils import atomic_write_text
 
@@ -68,6 +69,11 @@ def fix_split(
     """Write the fixed copy of the dataset at `root` into `out` (which must not exist or be empty).
     `analysis` is `audit_dataset(root)` when the caller has it already."""
     root, out = Path(root), Path(out)
+    if not root.is_dir() or find_split_dir(root, "train") is None:
+        raise UserError(
+            f"{root}: --fix-split rewrites split folders (train/, validation/, test/); an unsplit folder or a "
+            "label file is split with every duplicate group in one split already (--write-splits writes it)"
+        )
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty; --fix-split writes a new dataset folder")
     if out.resolve().is_relative_to(root.resolve()):

@@ -21,8 +21,8 @@ from scipy.optimize import minimize_scalar
 
 from clothcli.backends import load_classifier
 from clothcli.data.inputs import images_under
-from clothcli.data.layout import find_split_dir
-from clothcli.engines.evaluate import labelled_outputs, model_outputs
+from clothcli.data.sources import available_splits
+from clothcli.engines.evaluate import labelled_outputs, model_outputs, own_split
 from clothcli.errors import UserError
 from clothcli.formats import is_exported
 from clothcli.metrics import Calibration, calibration, log_softmax, ood_scores, separation
@@ -112,13 +112,14 @@ def calibrate(
     calibrated top-1 probability that keeps `recall` of its images, store it as the rejection
     threshold that `predict --min-confidence auto` uses, and report what it keeps and rejects."""
     data = Path(data if data is not None else default_data(model))
-    if find_split_dir(data, fit_split) is None:
-        raise UserError(f"{data}: no {fit_split}/ split to fit the temperature on")
     classifier = load_classifier(model, device=device, calibrated=False, in_workers=False)
+    splits = available_splits(data, own_split(classifier, data))
+    if fit_split not in splits:
+        raise UserError(f"{data}: no {fit_split}/ split to fit the temperature on")
     previous = classifier.meta.get("temperature")
     outputs = {}
     for split in (fit_split, *report_splits):
-        if split == fit_split or find_split_dir(data, split) is not None:
+        if split in splits:
             found = labelled_outputs(classifier, data, split, batch_size=batch_size, workers=workers)
             outputs[split] = (found.logits, found.targets)
     outside = None

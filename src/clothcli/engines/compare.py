@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from clothcli.backends import Classifier, load_classifier
-from clothcli.data.layout import class_difference, resolve_eval_folder
+from clothcli.data.layout import SplitIndex, class_difference
 from clothcli.engines.comparison import (
     Comparison,
     ModelRow,
@@ -35,7 +35,7 @@ from clothcli.engines.comparison import (
     verdict,
     wilson_interval,
 )
-from clothcli.engines.evaluate import evaluate_classifier
+from clothcli.engines.evaluate import evaluate_classifier, split_of
 from clothcli.errors import UserError
 from clothcli.formats import PYTORCH
 from clothcli.io_utils import atomic_write_text
@@ -52,17 +52,19 @@ def cache_folder() -> Path:
     return Path(base) / "clothcli" / "compare"
 
 
-def data_fingerprint(folder: Path) -> str:
-    """A hash of every file's relative path, size and modification time under `folder`: any added,
+def data_fingerprint(index: SplitIndex) -> str:
+    """A hash of every image's relative path, size and modification time in the split: any added,
     removed, renamed or rewritten image changes it, without reading the images."""
     digest = hashlib.sha256()
-    for current, dirs, files in sorted(os.walk(folder)):
-        dirs.sort()
-        for name in sorted(files):
-            path = Path(current) / name
-            stat = path.stat()
-            digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for path, target in sorted(index.samples):
+        stat = path.stat()
+        digest.update(f"{image_id(path, index.directory)}\0{target}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def image_id(path: Path, folder: Path) -> str:
+    """What pairs one image across models: its path relative to the split's folder."""
+    return str(Path(os.path.abspath(path)).relative_to(os.path.abspath(folder)))
 
 
 def model_hash(classifier: Classifier) -> str:
@@ -86,28 +88,33 @@ class SplitResult:
     correct: int
     macro_f1: float
     right: dict[str, bool]  # path relative to the split folder -> classified correctly
+    images: list[str]  # every image of the split, unreadable ones too: what the model was tested on
     cached: bool = False
 
 
 def evaluate_cached(classifier: Classifier, data: Path, split: str, use_cache: bool = True) -> SplitResult:
     """The model's evaluation on `data/<split>`, from the cache while the data and the model are unchanged;
     computed (and stored) otherwise."""
-    folder = resolve_eval_folder(data, split)
-    key = f"{split}-{model_hash(classifier)[:16]}-{data_fingerprint(folder)[:16]}.json"
+    index = split_of(classifier, data, split)
+    folder = index.directory
+    key = f"{split}-{model_hash(classifier)[:16]}-{data_fingerprint(index)[:16]}.json"
     cache = cache_folder() / key
     if use_cache and cache.is_file():
         try:
             stored = json.loads(cache.read_text(encoding="utf-8"))
-            return SplitResult(stored["n"], stored["correct"], stored["macro_f1"], stored["right"], cached=True)
+            return SplitResult(
+                stored["n"], stored["correct"], stored["macro_f1"], stored["right"], stored["images"], cached=True
+            )
         except (OSError, ValueError, KeyError):
             pass  # an unreadable cache entry is recomputed
     report = evaluate_classifier(classifier, data, split)
-    right = {str(Path(f["path"]).relative_to(folder)): f["true"] == f["predicted"] for f in report.files}
-    result = SplitResult(report.n, report.correct, report.averages.get("macro", {}).get("f1", 0.0), right)
+    right = {image_id(Path(f["path"]), folder): f["true"] == f["predicted"] for f in report.files}
+    images = sorted(image_id(path, folder) for path, _ in index.samples)
+    result = SplitResult(report.n, report.correct, report.averages.get("macro", {}).get("f1", 0.0), right, images)
     entries = sorted(cache.parent.glob("*.json"), key=lambda p: p.stat().st_mtime) if cache.parent.is_dir() else []
     for stale in entries[: max(0, len(entries) - (CACHE_ENTRIES - 1))]:
         stale.unlink(missing_ok=True)
-    payload = {"n": result.n, "correct": result.correct, "macro_f1": result.macro_f1, "right": right}
+    payload = {"n": result.n, "correct": result.correct, "macro_f1": result.macro_f1, "right": right, "images": images}
     atomic_write_text(cache, json.dumps(payload) + "\n")
     return result
 
@@ -200,6 +207,16 @@ def _set_threads(threads: int | None) -> int:
     return previous
 
 
+def _check_same_images(names: list[str], results: list[SplitResult], data: Path) -> None:
+    """Models tested on other images cannot be compared (their runs split `data` differently)."""
+    for name, result in zip(names[1:], results[1:]):
+        if result.images != results[0].images:
+            raise UserError(
+                f"{names[0]} and {name} were tested on different images of {data} (their runs split it "
+                "differently): compare them on an explicit folder, or train them on one splits.csv"
+            )
+
+
 def _pairs(rows: list[ModelRow], results: list[SplitResult]) -> list[PairTest]:
     pairs = []
     for i in range(len(rows)):
@@ -264,6 +281,7 @@ def compare_models(
             results.append(result)
     finally:
         _set_threads(previous_threads)
+    _check_same_images(names, results, data)
     pairs = _pairs(rows, results)
     if latency:
         for row, front in zip(rows, pareto_front([(r.ms_batch1 or math.inf, r.accuracy) for r in rows])):

@@ -14,8 +14,10 @@ import numpy as np
 
 from clothcli.backends import Classifier, load_classifier
 from clothcli.data.inputs import images_under
-from clothcli.data.layout import index_folder, resolve_eval_folder
+from clothcli.data.layout import SplitIndex
+from clothcli.data.sources import run_split, split_samples
 from clothcli.errors import UserError
+from clothcli.formats import PYTORCH
 from clothcli.metrics import (
     ClassificationReport,
     calibration,
@@ -105,12 +107,26 @@ class LabelledOutputs:
         return self.outputs.logits
 
 
+def own_split(classifier: Classifier, data: str | Path) -> Path | None:
+    """The splits.csv of the run a checkpoint belongs to, when `data` is the dataset it trained on: its
+    validation and test images are then the run's, wherever they sit."""
+    if classifier.format != PYTORCH:
+        return None
+    recorded = ((classifier.meta.get("config") or {}).get("data") or {}).get("root")
+    return run_split(classifier.source.parent, data, recorded)
+
+
+def split_of(classifier: Classifier, data: str | Path, split: str) -> SplitIndex:
+    """The labelled images of `split` for this model (`data.sources.split_samples`)."""
+    return split_samples(data, split, classifier.classes, own_split(classifier, data))
+
+
 def labelled_outputs(
     classifier: Classifier, data: str | Path, split: str, *, batch_size: int = 64, workers: int = 2, flip: bool = False
 ) -> LabelledOutputs:
-    """`classifier` over `data/<split>` (or `data` laid out by class); classes it does not know are an error."""
-    folder = resolve_eval_folder(data, split)
-    index = index_folder(folder, classifier.classes, name=split)
+    """`classifier` over the `split` of `data` (`split_of`); classes it does not know are an error."""
+    index = split_of(classifier, data, split)
+    folder = index.directory
     if not index.samples:
         raise UserError(f"{folder}: no images to evaluate")
     files = [path for path, _ in index.samples]

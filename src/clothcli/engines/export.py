@@ -36,9 +36,9 @@ from clothcli.backends.onnx_runtime import (
     image_batches,
 )
 from clothcli.backends.pytorch import torch_module
-from clothcli.data.layout import find_split_dir, index_folder, resolve_eval_folder
 from clothcli.data.preprocess import Preprocess
-from clothcli.engines.evaluate import model_outputs
+from clothcli.data.sources import available_splits
+from clothcli.engines.evaluate import model_outputs, own_split, split_of
 from clothcli.errors import UserError
 from clothcli.io_utils import atomic_path
 from clothcli.models.loading import WithFeatures
@@ -160,11 +160,13 @@ def _set_metadata(graph: Any, meta: dict[str, Any]) -> None:
     entry.key, entry.value = METADATA_KEY, json.dumps(kept)
 
 
-def _labelled_images(data: Path, split: str, classes: list[str], limit: int, seed: int = 0) -> tuple[Path, list]:
-    """Up to `limit` (path, target) samples of `data/<split>` (or `data` laid out by class), a fixed random
+def _labelled_images(
+    classifier: Classifier, data: Path, split: str, limit: int, seed: int = 0
+) -> tuple[Path, list]:
+    """Up to `limit` (path, target) samples of the `split` of `data` (`evaluate.split_of`), a fixed random
     subset when there are more."""
-    folder = resolve_eval_folder(data, split)
-    samples = list(index_folder(folder, classes, name=split).samples)
+    index = split_of(classifier, data, split)
+    folder, samples = index.directory, list(index.samples)
     if not samples:
         raise UserError(f"{folder}: no images")
     if len(samples) > limit:
@@ -292,7 +294,7 @@ def export_onnx(
     meta, preprocess = loaded.meta, loaded.preprocess
     samples, source = None, "generated"
     if verify_data is not None:
-        folder, samples = _labelled_images(Path(verify_data), verify_split, loaded.classes, verify_images)
+        folder, samples = _labelled_images(loaded, Path(verify_data), verify_split, verify_images)
         source = str(folder)
     try:
         with atomic_path(output) as staged:
@@ -314,9 +316,9 @@ def export_onnx(
     if int8:
         data = Path(int8_data)
         if samples is None:  # accuracy needs labelled images: the calibration dataset's validation split
-            folder, samples = _labelled_images(data, verify_split, loaded.classes, verify_images)
+            folder, samples = _labelled_images(loaded, data, verify_split, verify_images)
             source = str(folder)
-        report.int8 = _int8(output, meta, loaded.classes, data, samples, source, int8_images)
+        report.int8 = _int8(output, meta, loaded, data, samples, source, int8_images)
     return report
 
 
@@ -328,12 +330,11 @@ class _Rejected(Exception):
 
 
 def _int8(
-    output: Path, meta: dict[str, Any], classes: list[str], data: Path, samples: list, folder: str, count: int
+    output: Path, meta: dict[str, Any], classifier: Classifier, data: Path, samples: list, folder: str, count: int
 ) -> Int8Result:
-    train = find_split_dir(data, "train")
-    if train is None:
+    if "train" not in available_splits(data, own_split(classifier, data)):
         raise UserError(f"{data}: no train split to calibrate int8 on")
-    _, calibration = _labelled_images(train, "train", classes, count, seed=1)
+    _, calibration = _labelled_images(classifier, data, "train", count, seed=1)
     quantized = int8_path_for(output)
     quantize_int8(output, quantized, [p for p, _ in calibration], meta)
     fp32_accuracy, fp32_preds = _accuracy(output, samples)

@@ -82,9 +82,10 @@ def confusion_figure(report: Any) -> str:
 
 
 def _check_data_classes(data: Path, classes: list[str]) -> None:
-    from clothcli.data.layout import class_difference, index_dataset
+    from clothcli.data.layout import class_difference
+    from clothcli.data.sources import open_dataset
 
-    found = index_dataset(data).classes
+    found = open_dataset(data).index.classes
     if set(found) != set(classes):
         raise UserError(f"{data} has other classes than the checkpoint: it {class_difference(classes, found)}")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clothcli.data.layout import index_dataset
 from clothcli.data.loading import IGNORE_INDEX, ImageFiles, decode_size, eval_transform, make_loader
+from clothcli.data.sources import open_dataset
 from clothcli.errors import UserError
 
 EXTRA_HINT = "pip install 'clothcli[data]'"
@@ -113,7 +113,7 @@ def find_label_issues(
     from cleanlab.filter import find_label_issues as cleanlab_issues
     from cleanlab.rank import get_label_quality_scores
 
-    index = index_dataset(root)
+    index = open_dataset(root).index
     model, pre, description = _backbone(checkpoint, model_name, weights)
     samples = [(path, target, name) for name, split in index.splits.items() for path, target in split.samples]
     dataset = ImageFiles([(p, t) for p, t, _ in samples], eval_transform(pre), decode_size(pre))

@@ -84,7 +84,9 @@ def train_summary(result) -> None:
         warn(f"{len(result.unreadable)} unreadable training image(s) were skipped:")
         for item in result.unreadable[:20]:
             err_console.print(f"  {item['path']}: {item['reason']}", highlight=False)
-    note(f"run folder: {result.run_dir} (best/, last/, metrics.csv, config.yaml)")
+    present = [name for name in ("best/", "last/", "swa/", "metrics.csv", "config.yaml", "splits.csv")
+               if (result.run_dir / name.rstrip("/")).exists()]  # fmt: skip
+    note(f"run folder: {result.run_dir} ({', '.join(present)})")
 
 
 def sparkline(values: list[float], width: int = 60, ceiling: float | None = None) -> str:

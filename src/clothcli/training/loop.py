@@ -28,6 +28,9 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 
 from clothcli.config import Config, save_config
 from clothcli.data.loading import IGNORE_INDEX
+from clothcli.data.sources import Source, dataset_root, split_rows
+from clothcli.data.splits import SPLITS_FILE, splits_csv
+from clothcli.io_utils import atomic_write_text
 from clothcli.models.checkpoint import save_checkpoint
 from clothcli.runtime import describe_hardware, plain_model
 from clothcli.training.distill import teacher_seconds
@@ -89,7 +92,7 @@ def train(
         reporter = SilentReporter()
     loop = _Loop(cfg, setup, reporter)
     if point is None:
-        loop.run_path = _open_run(cfg, accelerator, run_dir)
+        loop.run_path = _open_run(cfg, accelerator, run_dir, setup.source)
         start_tracking(accelerator, cfg, loop.run_path, resume_step=None)
     else:
         loop.run_path, loop.state = Path(resume), point.state
@@ -124,7 +127,7 @@ def train(
     )
 
 
-def _open_run(cfg: Config, accelerator: Accelerator, run_dir: str | Path | None) -> Path:
+def _open_run(cfg: Config, accelerator: Accelerator, run_dir: str | Path | None, source: Source | None) -> Path:
     """Create the run folder and record the config. The main process creates the folder and tells the
     others its name: each choosing its own free name would give them different folders."""
     chosen = [""]
@@ -137,6 +140,8 @@ def _open_run(cfg: Config, accelerator: Accelerator, run_dir: str | Path | None)
     run_path = Path(broadcast_object_list(chosen, from_process=0)[0])
     if accelerator.is_main_process:
         save_config(cfg, run_path / CONFIG_FILE)
+        if source is not None:  # the images each split held, so evaluate and compare use the same ones
+            atomic_write_text(run_path / SPLITS_FILE, splits_csv(split_rows(source), dataset_root(cfg.data.root)))
     return run_path
 
 

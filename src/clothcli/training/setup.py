@@ -18,10 +18,10 @@ from torchmetrics.functional.classification import multiclass_f1_score
 
 from clothcli.config import Config
 from clothcli.data.batch_augment import BatchAugment, TransformedBatches
-from clothcli.data.layout import index_dataset
 from clothcli.data.loading import IGNORE_INDEX, crop_size, sub_seed
 from clothcli.data.pipeline import TrainingData, build_training_data
 from clothcli.data.preprocess import Preprocess
+from clothcli.data.sources import Source, describe_split, open_dataset
 from clothcli.errors import UserError
 from clothcli.models.build import build_model, resolve_preprocess
 from clothcli.runtime import check_compile_backend, make_accelerator, predict_batches, resolve_device
@@ -84,6 +84,8 @@ class Setup:
     task: nn.Module
     # with augment.mixup or augment.cutmix: timm's Mixup, applied to each training batch
     mix: Any | None = None
+    # the dataset as found; its split when it was made here (written to the run folder as splits.csv)
+    source: Source | None = None
 
     @property
     def distilling(self) -> bool:
@@ -105,7 +107,15 @@ def prepare(
 
         reporter.message(f"downloading the dataset into {root}")
         download_dataset(root)
-    index = index_dataset(root)
+    source = open_dataset(root, cfg.data, workers=max(1, cfg.data.num_workers))
+    index = source.index
+    if source.plan is not None:
+        reporter.message(describe_split(source.plan, index, cfg.data.split.seed))
+    if "validation" not in index.splits:
+        reporter.message(
+            "warning: no validation images: no best/ checkpoint will be chosen (give a validation/ split, "
+            "or set data.split.carve_validation=true to carve one out of train)"
+        )
 
     accelerator = make_accelerator(
         cfg.train.mixed_precision,
@@ -168,7 +178,7 @@ def prepare(
         task = ClassificationTask(model, criterion=FloatLoss(loss_fn), verbose=False)
     mix = _mixer(cfg, len(index.classes))
     return Setup(
-        accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre, task, mix
+        accelerator, model, optimizer, train_loader, val_loader, loss_fn, channels_last, data, pre, task, mix, source
     )
 
 
