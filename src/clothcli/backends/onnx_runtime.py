@@ -11,6 +11,7 @@ penultimate features.
 from __future__ import annotations
 
 import json
+import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -139,8 +140,6 @@ class OnnxClassifier(Classifier):
     def threads(self) -> int:
         if self._threads:
             return self._threads
-        import os
-
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     @property
