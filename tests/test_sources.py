@@ -173,3 +173,27 @@ def test_validation_is_carved_out_of_a_train_only_dataset_when_asked(tmp_path):
     carved = open_dataset(tmp_path / "folders", DataConfig(split=SplitConfig(carve_validation=True)))
     assert set(carved.index.splits) == {"train", "validation"} and len(carved.index.splits["validation"].samples) > 0
     assert data.is_dir()
+
+
+def test_a_parquet_label_file_and_one_with_images_inside(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    data = unsplit(tmp_path / "photos")
+    files = sorted(data.rglob("*.jpg"))
+    table = pa.table({
+        "file": [str(p.relative_to(data)) for p in files],
+        "category": [p.parent.name for p in files],
+        "fold": ["test" if i % 5 == 0 else "train" for i in range(len(files))],
+    })  # fmt: skip
+    pq.write_table(table, data / "labels.parquet")
+    cfg = DataConfig(path_column="file", label_column="category", split_column="fold")
+    source = open_dataset(data / "labels.parquet", cfg)
+    assert len(source.index.splits["test"].samples) == 12 and source.plan is None  # the file's own split
+    inside = pa.table({"image": [p.read_bytes() for p in files[:3]], "label": ["red"] * 3})
+    pq.write_table(inside, data / "inside.parquet")
+    with pytest.raises(UserError, match="stored inside the file"):
+        open_dataset(data / "inside.parquet")
+    (data / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UserError, match="not a readable Parquet file"):
+        open_dataset(data / "broken.parquet")

@@ -46,7 +46,7 @@ class SplitConfig:
 class DataConfig:
     """Where the dataset lives and how it is read."""
 
-    # a folder split/class/image, a folder class/image (split here), or a label file (.csv, .jsonl)
+    # a folder split/class/image, a folder class/image (split here), or a label file (.csv, .jsonl, .parquet)
     root: str | None = None
     download: bool = False
     num_workers: int = field(default=2, metadata=_range(0, 256))

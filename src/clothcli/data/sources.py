@@ -3,7 +3,7 @@
 - `root/<split>/<class>/<image>`: the splits as they are (with `data.split.carve_validation`, a
   validation split carved out of train when there is none);
 - `root/<class>/<image>` with no split folders: split here (`data.splits.plan_splits`);
-- a label file (`.csv` or `.jsonl`) of path and label, and optionally split, columns; paths are
+- a label file (`.csv`, `.jsonl` or `.parquet`) of path and label, and optionally split, columns; paths are
   relative to the file's folder and must stay inside it. Without a split column, split here. A
   run's `splits.csv` (path, class, split, group) is such a file.
 
@@ -39,7 +39,8 @@ from clothcli.errors import UserError
 from clothcli.io_utils import atomic_write_text
 from clothcli.names import check_class_names, name_problem
 
-LABEL_SUFFIXES = (".csv", ".jsonl")
+LABEL_SUFFIXES = (".csv", ".jsonl", ".parquet")
+DATA_EXTRA = "pip install 'clothcli[data]'"
 SHOWN_BAD_ROWS = 20
 SPLIT_ALIASES = {alias: split for split, aliases in SPLIT_NAMES.items() for alias in aliases}
 
@@ -106,9 +107,33 @@ def _carve_validation(index: DatasetIndex, cfg: DataConfig, workers: int) -> Sou
     return Source(index, plan)
 
 
+def _parquet_rows(path: Path) -> list[dict]:
+    """A Parquet file's rows as dicts (pyarrow), its binary columns (images stored inside) left out."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError(f"reading a .parquet label file needs pyarrow: {DATA_EXTRA}") from None
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except Exception as exc:  # pyarrow's ArrowInvalid, OSError ...
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"{path}: not a readable Parquet file ({reason})") from None
+    textual = [f.name for f in table.schema if not pyarrow.types.is_binary(f.type) and
+               not pyarrow.types.is_large_binary(f.type) and not pyarrow.types.is_struct(f.type)]  # fmt: skip
+    if len(textual) < len(table.schema) and "path" not in textual:
+        raise UserError(
+            f"{path}: its images are stored inside the file; clothcli reads Parquet label files with a path "
+            "column (images inside are not read)"
+        )
+    return table.select(textual).to_pylist()
+
+
 def _read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"label file not found: {path}")
+    if path.suffix.lower() == ".parquet":
+        return _parquet_rows(path)
     text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".csv":
         return list(csv.DictReader(text.splitlines()))
@@ -169,7 +194,7 @@ def _label_file(path: Path, cfg: DataConfig, workers: int, folder: Path | None =
     conflicted: set[Path] = set()
     bad: list[str] = []
     label_problems: dict[str, str | None] = {}
-    for number, row in enumerate(rows, 2 if path.suffix.lower() == ".csv" else 1):
+    for number, row in enumerate(rows, 2 if path.suffix.lower() == ".csv" else 1):  # CSV: the header is row 1
         found, problem = _row_problem(row, str(folder), cfg, label_problems)
         if found is None:
             bad.append(f"row {number}: {problem}")
