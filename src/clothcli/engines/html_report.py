@@ -123,6 +123,8 @@ def _run_section(classifier: Classifier, run: Path | None, history: list[dict[st
     config_file = run / "config.yaml" if run is not None else None
     return {
         "name": run.name if run is not None else classifier.source.name,
+        "exported": run is None,
+        "format": classifier.format + (f" ({classifier.quantization})" if classifier.quantization else ""),
         "arch": classifier.arch,
         "input_size": size,
         "macs": counted.macs,

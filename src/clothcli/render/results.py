@@ -133,7 +133,7 @@ def calibration(report, stored: bool) -> None:
         )
     console.print(table)
     fitted = next(iter(report.splits))
-    where = "stored in the checkpoint" if stored else "not stored (--dry-run)"
+    where = "stored with the model" if stored else "not stored (--dry-run)"
     note(f"temperature {report.temperature:.4f}, fitted on {fitted}: {where}")
     rejection = report.rejection
     if rejection:
