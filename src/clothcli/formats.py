@@ -6,7 +6,8 @@ from pathlib import Path
 
 PYTORCH = "pytorch"  # a clothcli run folder, checkpoint folder or its model.safetensors
 ONNX = "onnx"  # an exported .onnx file, run on ONNX Runtime
-EXPORTED_SUFFIXES = {".onnx": ONNX}
+OPENVINO = "openvino"  # an exported OpenVINO IR: model.xml beside model.bin
+EXPORTED_SUFFIXES = {".onnx": ONNX, ".xml": OPENVINO}
 
 
 def model_format(path: str | Path) -> str:

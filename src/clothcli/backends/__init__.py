@@ -10,7 +10,7 @@ from pathlib import Path
 
 from clothcli.backends.base import Classifier, OutputBatch
 from clothcli.errors import UserError
-from clothcli.formats import ONNX, model_format
+from clothcli.formats import ONNX, OPENVINO, PYTORCH, model_format
 
 __all__ = ["Classifier", "OutputBatch", "load_classifier"]
 
@@ -31,14 +31,20 @@ def load_classifier(
     `device`, `input_size`, `crop_pct` and `in_workers` apply to checkpoints only (an exported file has
     its preprocessing fixed in the graph's input and runs on the CPU); `threads` sets an exported
     model's intra-op threads."""
-    if model_format(path) == ONNX:
+    kind = model_format(path)
+    if kind != PYTORCH:
         if device not in (None, "cpu") or in_workers:
-            raise UserError("an .onnx model runs on the CPU with ONNX Runtime: drop --device")
+            raise UserError(f"an exported {kind} model runs on the CPU: drop --device")
         if input_size or crop_pct:
-            raise UserError("--input-size and --crop-pct need the checkpoint, not an .onnx file")
+            raise UserError(f"--input-size and --crop-pct need the checkpoint, not an exported {kind} file")
+    if kind == ONNX:
         from clothcli.backends.onnx_runtime import OnnxClassifier
 
         return OnnxClassifier(path, calibrated=calibrated, threads=threads)
+    if kind == OPENVINO:
+        from clothcli.backends.openvino_runtime import OpenVinoClassifier
+
+        return OpenVinoClassifier(path, calibrated=calibrated, threads=threads)
     from clothcli.backends.pytorch import TorchClassifier
     from clothcli.models.loading import load_for_inference
 

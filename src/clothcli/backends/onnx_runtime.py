@@ -49,7 +49,11 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
     text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if not text:
         raise UserError(f"{path}: no class names inside; export it with `clothcli export`")
-    meta = parse_json(text, path)
+    return validate_metadata(parse_json(text, path), path)
+
+
+def validate_metadata(meta: Any, path: Path) -> dict[str, Any]:
+    """An export's clothcli metadata when it holds a valid class list and preprocessing; else one line."""
     try:
         Preprocess.from_dict(meta["preprocess"])
         classes = check_class_names(meta["classes"], str(path))

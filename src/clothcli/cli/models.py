@@ -13,7 +13,9 @@ from clothcli.cli.options import DeviceOption, InputSizeOption, JsonOption, save
 
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Run folder (uses best/), checkpoint folder or weights file.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The .onnx file to write.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The file to write: .onnx (ONNX Runtime) or .xml (OpenVINO IR).")
+    ],
     opset: Annotated[int, typer.Option(min=18, max=23, help="ONNX opset version.")] = 18,
     verify: Annotated[
         Path | None,

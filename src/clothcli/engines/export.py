@@ -1,4 +1,5 @@
-"""`clothcli export`: a checkpoint as an ONNX file that runs without PyTorch, verified, optionally int8.
+"""`clothcli export`: a checkpoint as an ONNX file or an OpenVINO IR that runs without PyTorch, verified;
+optionally an int8 ONNX model.
 
 The model is exported with batch norm folded (as `predict` runs it) through torch.onnx's dynamo
 exporter, which handles the explicit "same" padding of timm's `tf_` models, with a dynamic batch
@@ -35,11 +36,13 @@ from clothcli.backends.onnx_runtime import (
     OnnxClassifier,
     image_batches,
 )
+from clothcli.backends.openvino_runtime import OpenVinoClassifier, convert_onnx, import_openvino, publish
 from clothcli.backends.pytorch import torch_module
 from clothcli.data.preprocess import Preprocess
 from clothcli.data.sources import available_splits
 from clothcli.engines.evaluate import model_outputs, own_split, split_of
 from clothcli.errors import UserError
+from clothcli.formats import ONNX, OPENVINO, model_format
 from clothcli.io_utils import atomic_path
 from clothcli.models.loading import WithFeatures
 
@@ -116,8 +119,8 @@ def _require_export_packages() -> None:
 
 
 def _check_output(output: Path) -> None:
-    if output.suffix.lower() != ".onnx":
-        raise UserError(f"the output must end in .onnx, got '{output.name}'")
+    if model_format(output) not in (ONNX, OPENVINO):
+        raise UserError(f"the output must end in .onnx (ONNX Runtime) or .xml (OpenVINO), got '{output.name}'")
     if not output.parent.is_dir():
         raise UserError(f"output folder not found: {output.parent}")
 
@@ -153,16 +156,19 @@ def _export_graph(model: torch.nn.Module, input_size: int, opset: int, path: Pat
     onnx.save(graph, str(path))
 
 
+def _kept_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """What an exported file carries of the checkpoint's metadata."""
+    return {k: meta[k] for k in META_FIELDS if k in meta} | {"schema_version": SCHEMA_VERSION}
+
+
 def _set_metadata(graph: Any, meta: dict[str, Any]) -> None:
-    kept = {k: meta[k] for k in META_FIELDS if k in meta} | {"schema_version": SCHEMA_VERSION}
+    kept = _kept_metadata(meta)
     del graph.metadata_props[:]
     entry = graph.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(kept)
 
 
-def _labelled_images(
-    classifier: Classifier, data: Path, split: str, limit: int, seed: int = 0
-) -> tuple[Path, list]:
+def _labelled_images(classifier: Classifier, data: Path, split: str, limit: int, seed: int = 0) -> tuple[Path, list]:
     """Up to `limit` (path, target) samples of the `split` of `data` (`evaluate.split_of`), a fixed random
     subset when there are more."""
     index = split_of(classifier, data, split)
@@ -287,7 +293,11 @@ def export_onnx(
     _check_output(output)
     if int8 and int8_data is None:
         raise UserError("--int8 needs --int8-data DATA (a dataset folder whose train split calibrates it)")
+    if int8 and model_format(output) != ONNX:
+        raise UserError("--int8 writes ONNX Runtime's int8 model: export to a .onnx file for it")
     _require_export_packages()
+    if model_format(output) == OPENVINO:
+        import_openvino()
     start = time.perf_counter()
     loaded = load_classifier(checkpoint, device="cpu")
     model = torch_module(loaded)
@@ -297,11 +307,7 @@ def export_onnx(
         folder, samples = _labelled_images(loaded, Path(verify_data), verify_split, verify_images)
         source = str(folder)
     try:
-        with atomic_path(output) as staged:
-            _export_graph(model, preprocess.input_size, opset, staged, meta)
-            checked = verify(loaded, OnnxClassifier(staged), samples, source, tolerance)
-            if not checked.passed:
-                raise _Rejected(checked)
+        checked = _write_verified(model, loaded, output, opset, samples, source, tolerance)
     except _Rejected as rejected:
         return ExportReport(str(output), loaded.arch, preprocess.input_size, opset, 0, 0.0, rejected.verification)
     report = ExportReport(
@@ -309,7 +315,7 @@ def export_onnx(
         loaded.arch,
         preprocess.input_size,
         opset,
-        output.stat().st_size,
+        sum(p.stat().st_size for p in exported_files(output)),
         round(time.perf_counter() - start, 2),
         checked,
     )
@@ -320,6 +326,36 @@ def export_onnx(
             source = str(folder)
         report.int8 = _int8(output, meta, loaded, data, samples, source, int8_images)
     return report
+
+
+def exported_files(output: Path) -> list[Path]:
+    """The files an export consists of: the .onnx, or the IR's .xml and .bin."""
+    return [output, output.with_suffix(".bin")] if model_format(output) == OPENVINO else [output]
+
+
+def _write_verified(
+    model: torch.nn.Module, loaded: Classifier, output: Path, opset: int, samples: list | None, source: str,
+    tolerance: float,
+) -> Verification:  # fmt: skip
+    """Write the export at `output` only once it verifies against the PyTorch backend (else _Rejected).
+    An OpenVINO IR is converted from the ONNX graph, in a scratch folder beside the output."""
+    size = loaded.preprocess.input_size
+    if model_format(output) == ONNX:
+        with atomic_path(output) as staged:
+            _export_graph(model, size, opset, staged, loaded.meta)
+            checked = verify(loaded, OnnxClassifier(staged), samples, source, tolerance)
+            if not checked.passed:
+                raise _Rejected(checked)
+        return checked
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as scratch:
+        graph, staged = Path(scratch) / "graph.onnx", Path(scratch) / output.name
+        _export_graph(model, size, opset, graph, loaded.meta)
+        convert_onnx(graph, staged, _kept_metadata(loaded.meta))
+        checked = verify(loaded, OpenVinoClassifier(staged), samples, source, tolerance)
+        if not checked.passed:
+            raise _Rejected(checked)
+        publish(staged, output)
+    return checked
 
 
 class _Rejected(Exception):

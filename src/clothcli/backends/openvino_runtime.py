@@ -1,0 +1,153 @@
+"""The OpenVINO backend: an exported IR (`model.xml` beside its `model.bin`), run without PyTorch.
+
+`clothcli export -o model.xml` writes the class names, the preprocessing and the calibration into
+the IR's runtime info, so the two files are all this backend needs. Decoding is the ONNX Runtime
+backend's (PIL and NumPy in a thread pool). OpenVINO's CPU plugin runs in bf16 by default on CPUs
+with AVX512-BF16 or AMX: this backend asks for f32 unless told `precision="bf16"`, so an fp32 export
+computes what PyTorch computes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clothcli.backends.base import Classifier, OutputBatch
+from clothcli.backends.onnx_runtime import FEATURES_OUTPUT, METADATA_KEY, image_batches, validate_metadata
+from clothcli.data.preprocess import Preprocess
+from clothcli.errors import UserError
+from clothcli.formats import OPENVINO
+from clothcli.untrusted import parse_json
+
+OPENVINO_EXTRA = "pip install 'clothcli[openvino]'"
+PRECISIONS = {"f32": "f32", "bf16": "bf16"}
+
+
+def import_openvino() -> Any:
+    """openvino, or one line naming the extra that installs it."""
+    try:
+        import openvino
+    except ImportError:
+        raise UserError(f"running an OpenVINO model needs OpenVINO: {OPENVINO_EXTRA}") from None
+    return openvino
+
+
+def read_model(path: Path) -> Any:
+    """The IR at `path` (its weights in the .bin of the same name), or one line saying why not."""
+    if not path.is_file():
+        raise UserError(f"model not found: {path}")
+    weights = path.with_suffix(".bin")
+    if not weights.is_file():
+        raise UserError(f"{path}: its weights file {weights.name} is missing beside it")
+    ov = import_openvino()
+    try:
+        return ov.Core().read_model(str(path), str(weights))
+    except Exception as exc:  # OpenVINO raises RuntimeError with its own text
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{path}: not a readable OpenVINO model ({reason})") from None
+
+
+def model_metadata(model: Any, path: Path) -> dict[str, Any]:
+    if not model.has_rt_info([METADATA_KEY]):
+        raise UserError(f"{path}: no class names inside; export it with `clothcli export`")
+    return validate_metadata(parse_json(model.get_rt_info([METADATA_KEY]).astype(str), path), path)
+
+
+def publish(staged: Path, path: Path) -> None:
+    """Move a written IR into place: the .bin first, then the .xml whose weights it holds."""
+    os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+    os.replace(staged, path)
+
+
+def save_model(model: Any, path: Path) -> None:
+    """The IR written beside `path` and moved into place."""
+    ov = import_openvino()
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".openvino-") as scratch:
+        staged = Path(scratch) / path.name
+        ov.save_model(model, str(staged), compress_to_fp16=False)
+        publish(staged, path)
+
+
+class OpenVinoClassifier(Classifier):
+    """An OpenVINO IR compiled for the CPU, ready to classify."""
+
+    format = OPENVINO
+
+    def __init__(self, path: str | Path, calibrated: bool = True, threads: int | None = None, precision: str = "f32"):
+        if precision not in PRECISIONS:
+            raise UserError(f"OpenVINO precision must be f32 or bf16, got '{precision}'")
+        self.source = Path(path)
+        self.model = read_model(self.source)
+        self.meta = model_metadata(self.model, self.source)
+        self.classes = self.meta["classes"]
+        self.preprocess = Preprocess.from_dict(self.meta["preprocess"])
+        self.arch = str(self.meta.get("arch", "?"))
+        self.temperature = self.stored_temperature if calibrated else 1.0
+        threshold = self.meta.get("ood_threshold")
+        self.ood_threshold = None if threshold is None else float(threshold)
+        self.precision = precision
+        config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision]}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = import_openvino().Core().compile_model(self.model, "CPU", config)
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        self._threads = threads
+
+    @property
+    def quantization(self) -> str:
+        base = str(self.meta.get("quantization") or "")
+        return base if self.precision == "f32" else (base + " " if base else "") + self.precision
+
+    @property
+    def threads(self) -> int:
+        return self._threads or int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+
+    @property
+    def has_features(self) -> bool:
+        return FEATURES_OUTPUT in self.output_names
+
+    def _infer(self, images: np.ndarray) -> list[np.ndarray]:
+        results = self.compiled(images)
+        return [np.asarray(results[output]) for output in self.compiled.outputs]
+
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        return self._infer(images)[0]
+
+    def run(
+        self, files: list[Path], batch_size: int = 64, workers: int = 2, flip: bool = False, features: bool = False
+    ) -> Iterator[OutputBatch]:
+        if features and not self.has_features:
+            raise UserError(f"{self.source}: this export has no features output; export it again with clothcli export")
+        k = len(self.classes)
+        for batch in image_batches(files, self.preprocess, batch_size, workers):
+            rows = [batch.indices[pos] for pos in batch.readable]
+            out = OutputBatch(batch.indices, rows, np.zeros((0, k), dtype=np.float32), batch.errors)
+            if batch.images is not None:
+                outputs = self._infer(batch.images)
+                out.logits = outputs[0]
+                if features:
+                    out.features = outputs[self.output_names.index(FEATURES_OUTPUT)]
+                if flip:
+                    out.flipped_logits = self.forward(np.ascontiguousarray(batch.images[..., ::-1]))
+            yield out
+
+    def store(self, **values: Any) -> None:
+        meta = {**self.meta, **json.loads(json.dumps(values))}
+        model = read_model(self.source)
+        model.set_rt_info(json.dumps(meta), [METADATA_KEY])
+        save_model(model, self.source)
+        self.meta = meta
+
+
+def convert_onnx(onnx_path: Path, staged: Path, meta: dict[str, Any]) -> None:
+    """Write at `staged` the IR of an exported .onnx file (its graph as it is), `meta` in its runtime info."""
+    ov = import_openvino()
+    model = ov.convert_model(str(onnx_path))
+    model.set_rt_info(json.dumps(meta), [METADATA_KEY])
+    ov.save_model(model, str(staged), compress_to_fp16=False)

@@ -1,0 +1,119 @@
+"""The OpenVINO backend: `export -o model.xml`, and predict, evaluate, calibrate and compare through it."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from clothcli.backends import load_classifier
+from clothcli.cli import app
+from clothcli.config import load_config
+from clothcli.engines.evaluate import evaluate
+from clothcli.engines.predict import predict_files
+from clothcli.training import train
+from conftest import TINY_OVERRIDES, make_dataset
+
+pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+pytest.importorskip("openvino", reason="the openvino extra (pip install 'clothcli[openvino]') is not installed")
+
+from clothcli.backends.openvino_runtime import OpenVinoClassifier
+from clothcli.engines.export import export_onnx
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("openvino")
+    data = make_dataset(root / "data", {"train": 8, "validation": 3, "test": 3})
+    cfg = load_config(
+        None, [*TINY_OVERRIDES, "train.epochs=4", "optim.lr=0.05", f"data.root={data}", f"output_dir={root / 'runs'}"]
+    )
+    run = train(cfg).run_dir
+    xml, onnx = root / "ir" / "tiny.xml", root / "tiny.onnx"
+    xml.parent.mkdir()
+    report = export_onnx(checkpoint=run, output=xml, verify_data=data)
+    export_onnx(checkpoint=run, output=onnx)
+    return run, data, xml, onnx, report
+
+
+def test_the_ir_verifies_and_carries_the_checkpoint(exported):
+    run, _, xml, _, report = exported
+    check = report.verification
+    assert check.passed and check.top1_agreement == 1.0 and check.max_abs_diff <= 1e-4 * max(1.0, check.logit_scale)
+    assert sorted(p.name for p in xml.parent.iterdir()) == ["tiny.bin", "tiny.xml"]  # nothing left behind
+    assert report.bytes == xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
+    model = OpenVinoClassifier(xml)
+    meta = json.loads((run / "best" / "checkpoint.json").read_text())
+    assert model.classes == meta["classes"] and model.meta["preprocess"] == meta["preprocess"]
+    assert model.has_features and model.schema_version == 1
+    assert model.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+
+
+def test_openvino_and_onnx_runtime_agree_on_every_image(exported):
+    _, data, xml, onnx, _ = exported
+    files = sorted(data.rglob("*.jpg"))
+    by_openvino = list(predict_files(load_classifier(xml), files, batch_size=4, workers=0, top_k=3))
+    by_onnx = list(predict_files(load_classifier(onnx), files, batch_size=4, workers=0, top_k=3))
+    assert [p.labels for p in by_openvino] == [p.labels for p in by_onnx]
+    for a, b in zip(by_openvino, by_onnx):
+        assert np.allclose(a.probs, b.probs, atol=1e-4)
+    options = {"data": data, "split": "test", "workers": 0, "tta_flip": True}
+    by_ir, by_file = evaluate(model=xml, **options).files, evaluate(model=onnx, **options).files
+    assert [(f["path"], f["predicted"]) for f in by_ir] == [(f["path"], f["predicted"]) for f in by_file]
+    assert [f["confidence"] for f in by_ir] == pytest.approx([f["confidence"] for f in by_file], abs=1e-4)
+
+
+def test_bf16_is_its_own_precision(exported):
+    _, _, xml, _, _ = exported
+    bf16 = OpenVinoClassifier(xml, precision="bf16")
+    assert bf16.quantization == "bf16" and OpenVinoClassifier(xml).quantization == ""
+
+
+def test_calibrate_writes_into_the_ir_and_compare_times_it_apart(exported, tmp_path):
+    run, data, xml, onnx, _ = exported
+    copy = tmp_path / "copy.xml"
+    shutil.copy(xml, copy)
+    shutil.copy(xml.with_suffix(".bin"), copy.with_suffix(".bin"))
+    result = runner.invoke(app, ["calibrate", str(copy), "--data", str(data), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    stored = OpenVinoClassifier(copy)
+    assert stored.temperature != 1.0 and stored.meta["temperature_fitted_on"] == "validation"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.bin", "copy.xml"]
+    from clothcli.engines.compare import compare_models
+
+    rows = compare_models(models=[run, onnx, xml], data=data, split="test", use_cache=False).rows
+    assert [r.name for r in rows] == [run.name, "tiny.onnx", "tiny.xml"] and len({r.ms_batch1 for r in rows}) == 3
+
+
+def test_predict_on_an_ir_never_imports_torch(exported, tmp_path):
+    _, data, xml, _, _ = exported
+    script = (
+        "import sys\nfrom clothcli.cli import app\n"
+        "try:\n    app(sys.argv[1:], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+        "print('LOADED', [m for m in ('torch', 'timm', 'torchvision') if m in sys.modules])\n"
+    )
+    out = tmp_path / "p.csv"
+    done = subprocess.run([sys.executable, "-c", script, "predict", str(xml), str(data / "test"), "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "LOADED []" and len(out.read_text().splitlines()) == 10
+
+
+def test_bad_irs_are_one_line(exported, tmp_path):
+    _, data, xml, _, _ = exported
+    lonely = tmp_path / "lonely.xml"
+    shutil.copy(xml, lonely)  # no .bin beside it
+    garbage = tmp_path / "garbage.xml"
+    garbage.write_text("<not an IR/>")
+    shutil.copy(xml.with_suffix(".bin"), garbage.with_suffix(".bin"))
+    for path, expected in ((lonely, "weights file"), (garbage, "not a readable OpenVINO model")):
+        result = runner.invoke(app, ["predict", str(path), str(data / "test")])
+        assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
+    int8 = runner.invoke(app, ["export", str(exported[0]), "-o", str(tmp_path / "m.xml"), "--int8", "--int8-data",
+                               str(data)])  # fmt: skip
+    assert int8.exit_code == 2 and "export to a .onnx file" in int8.output
