@@ -148,7 +148,7 @@ def test_each_network_is_timed_once(two_runs, tmp_path, monkeypatch):
         timed.append((size, batch))
         return float(len(timed))
 
-    monkeypatch.setattr("clothcli.engines.compare._latency_ms", fake_latency)
+    monkeypatch.setattr("clothcli.engines.compare.latency_ms", fake_latency)
     rows = compare_models(models=[a, b, c], data=data, split="test", use_cache=False).rows
     assert [size[-1] for size, _ in timed] == [32, 32, 40, 40]
     assert [(r.ms_batch1, r.ms_batch64) for r in rows] == [(1.0, 2.0), (1.0, 2.0), (3.0, 4.0)]

@@ -117,3 +117,26 @@ def test_bad_irs_are_one_line(exported, tmp_path):
     int8 = runner.invoke(app, ["export", str(exported[0]), "-o", str(tmp_path / "m.xml"), "--int8", "--int8-data",
                                str(data)])  # fmt: skip
     assert int8.exit_code == 2 and "export to a .onnx file" in int8.output
+
+
+def test_benchmark_puts_every_format_side_by_side(exported, tmp_path):
+    """Run as a user runs it, in a process of its own: in this long test process, after the IR rewrite of
+    the calibrate test, one more OpenVINO compilation crashed (a segfault inside OpenVINO)."""
+    run, data, _, _, _ = exported
+    out = tmp_path / "b.json"
+    command = [sys.executable, "-m", "clothcli", "benchmark", str(run), "--data", str(data), "--workers", "0"]
+    result = subprocess.run([*command, "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["pytorch", "onnx", "onnx-int8", "openvino", "openvino-bf16"]
+    reference = report["rows"][0]
+    assert reference["agreement"] == 1.0 and reference["p_value"] == 1.0 and reference["bytes"] is None
+    for row in report["rows"]:
+        assert row["n"] == 9 and 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["p_value"] <= 1.0
+        assert row["ms_batch1"] > 0 and row["images_per_s_batch64"] > 0 and row["predict_images_per_s"] > 0
+    assert report["rows"][1]["agreement"] == 1.0 and report["rows"][3]["agreement"] == 1.0  # fp32 formats
+    assert report["rows"][2]["bytes"] < report["rows"][1]["bytes"]  # int8 weights are smaller
+    assert report["decode_images_per_s"] > 0 and "decode" in result.stdout
+    bad = runner.invoke(app, ["benchmark", str(run), "--data", str(data), "--formats", "onnx,tflite"])
+    assert bad.exit_code == 2 and "unknown format" in bad.output

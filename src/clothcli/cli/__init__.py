@@ -15,6 +15,7 @@ COMMANDS = {
     "compare": comparison.compare,
     "report": comparison.report,
     "export": models.export,
+    "benchmark": models.benchmark,
     "flops": models.flops,
     "rf": models.rf,
 }

@@ -99,3 +99,25 @@ def rf(
     check = verify_output(spec.model, report) if verify else None
     render.receptive_fields(report, depth, check)
     save_json(json_path, {**report.to_dict(), "verify": check})
+
+
+def benchmark(
+    run: Annotated[Path, typer.Argument(help="Run folder (uses best/) to export into every format and measure.")],
+    data: Annotated[Path, typer.Option(help="Dataset: SPLIT is measured on, its train split calibrates int8.")],
+    split: Annotated[
+        str, typer.Option(help="Split the accuracies and the McNemar tests are computed on.")
+    ] = "validation",
+    formats: Annotated[
+        str, typer.Option(help="Comma-separated: pytorch, onnx, onnx-int8, openvino, openvino-bf16.")
+    ] = "pytorch,onnx,onnx-int8,openvino,openvino-bf16",
+    workers: Annotated[int, typer.Option(min=0, help="Decoding threads or processes.")] = 2,
+    json_path: JsonOption = None,
+) -> None:
+    """Every format of one run side by side: size, accuracy, agreement and McNemar against PyTorch, speed."""
+    from clothcli.engines.benchmark import benchmark as run_benchmark
+
+    chosen = [f.strip() for f in formats.split(",") if f.strip()]
+    with render.progress_bar("exporting and measuring every format"):
+        report = run_benchmark(run=run, data=data, split=split, formats=chosen, workers=workers)
+    render.benchmark(report)
+    save_json(json_path, report.to_dict())

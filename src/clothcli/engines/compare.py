@@ -167,12 +167,12 @@ def _structure(classifier: Classifier, latency: bool, timed: dict[tuple, tuple[f
     if latency:
         network = (classifier.format, classifier.quantization, classifier.arch, size, counted.params, counted.macs)
         if network not in timed:
-            timed[network] = tuple(_latency_ms(classifier, size, batch) for batch in (1, LATENCY_BATCH))
+            timed[network] = tuple(latency_ms(classifier, size, batch) for batch in (1, LATENCY_BATCH))
         out["ms_batch1"], out["ms_batch64"] = timed[network]
     return out
 
 
-def _latency_ms(classifier: Classifier, size: tuple[int, int, int], batch: int) -> float:
+def latency_ms(classifier: Classifier, size: tuple[int, int, int], batch: int) -> float:
     images = np.random.default_rng(0).standard_normal((batch, *size), dtype=np.float32)
     return steady_seconds(lambda: classifier.forward(images)) / batch * 1000
 

@@ -222,11 +222,21 @@ def verify(
 class _CalibrationReader:
     """Feeds ONNX Runtime's static quantization batches of training images (its CalibrationDataReader)."""
 
+    BATCH = 16
+
     def __init__(self, files: list[Path], preprocess: Preprocess, input_name: str):
-        self.batches = ({input_name: b.images} for b in image_batches(files, preprocess, 16, 2) if b.images is not None)
+        self.input_name = input_name
+        self.batches = (b.images for b in image_batches(files, preprocess, self.BATCH, 2) if b.images is not None)
+        self.shape: tuple[int, ...] | None = None
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.batches, None)
+        """The next batch; one of another size than the first (the last, or one with unreadable files) is
+        left out: the percentile calibrator stacks the batches' activations and needs one shape."""
+        for images in self.batches:
+            if self.shape is None or images.shape == self.shape:
+                self.shape = images.shape
+                return {self.input_name: images}
+        return None
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration_files: list[Path], meta: dict[str, Any]) -> None:

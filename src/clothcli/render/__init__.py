@@ -3,12 +3,13 @@
 from clothcli.render.audit import analysis, label_issues, split_fix
 from clothcli.render.console import console, download_bar, err_console, error, note, progress_bar, warn
 from clothcli.render.network import flops, receptive_fields
-from clothcli.render.results import calibration, comparison, evaluation, export_report, predictions
+from clothcli.render.results import benchmark, calibration, comparison, evaluation, export_report, predictions
 from clothcli.render.training import TrainProgress, sparkline, train_summary, tuning
 
 __all__ = [
     "TrainProgress",
     "analysis",
+    "benchmark",
     "calibration",
     "comparison",
     "console",

@@ -221,3 +221,17 @@ def comparison(result) -> None:
         note("evaluation reused from the cache for: " + ", ".join(cached))
     if result.verdict:
         console.print(f"[bold]Verdict:[/] {result.verdict}", highlight=False)
+
+
+def benchmark(report) -> None:
+    """`clothcli benchmark`: one row per format, then the decode-only ceiling."""
+    table = Table(title=f"Formats on {report.split} of {report.data} ({report.threads} threads)")
+    for col in ("format", "size", "accuracy", "agrees", "McNemar p", "ms b1", "img/s b64", "predict img/s"):
+        table.add_column(col, justify="left" if col == "format" else "right")
+    for r in report.rows:
+        table.add_row(
+            r.name, "-" if r.bytes is None else _fmt_bytes(r.bytes), f"{r.accuracy:.2%}", f"{r.agreement:.2%}",
+            f"{r.p_value:.3f}", f"{r.ms_batch1:.2f}", f"{r.images_per_s_batch64:.0f}", f"{r.predict_images_per_s:.0f}",
+        )  # fmt: skip
+    table.add_row("decode only", "", "", "", "", "", "", f"{report.decode_images_per_s:.0f}")
+    console.print(table)

@@ -1,0 +1,132 @@
+"""`clothcli benchmark`: one checkpoint in every format, side by side on one split and one CPU.
+
+Each format is exported from the run (into a scratch folder), verified as `export` verifies, and
+measured through its own backend: file size, accuracy on the split, top-1 agreement with the PyTorch
+model and McNemar's exact test against it, latency at batch 1 and throughput at batch 64 on the same
+threads, and the whole prediction pipeline's images/s over the split (decoding included). A last row
+decodes and preprocesses the images without running any model: the ceiling of that pipeline here.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clothcli.backends import Classifier, load_classifier
+from clothcli.backends.onnx_runtime import image_batches
+from clothcli.engines.compare import latency_ms
+from clothcli.engines.comparison import mcnemar_exact
+from clothcli.engines.evaluate import labelled_outputs, split_of
+from clothcli.engines.export import export_onnx, exported_files, int8_path_for
+from clothcli.errors import UserError
+
+FORMATS = ("pytorch", "onnx", "onnx-int8", "openvino", "openvino-bf16")
+SUFFIX = {"onnx": ".onnx", "onnx-int8": ".onnx", "openvino": ".xml", "openvino-bf16": ".xml"}
+
+
+@dataclass
+class FormatRow:
+    name: str
+    bytes: int | None
+    n: int
+    accuracy: float
+    agreement: float  # top-1 agreement with the PyTorch model on the same images
+    p_value: float  # McNemar's exact test against the PyTorch model
+    ms_batch1: float
+    images_per_s_batch64: float
+    predict_images_per_s: float  # decoding, preprocessing and the model, over the split
+
+
+@dataclass
+class BenchmarkReport:
+    run: str
+    data: str
+    split: str
+    threads: int
+    rows: list[FormatRow] = field(default_factory=list)
+    decode_images_per_s: float = 0.0  # decoding and preprocessing alone: the pipeline's ceiling
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _parse_formats(formats: list[str] | None) -> list[str]:
+    chosen = list(formats or FORMATS)
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown:
+        raise UserError(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    return ["pytorch", *[f for f in chosen if f != "pytorch"]]  # the reference comes first
+
+
+def _export(run: Path, kind: str, folder: Path, int8_data: Path) -> Classifier:
+    """The run exported as `kind` into `folder` (the bf16 variant reuses the fp32 IR), loaded."""
+    family = "openvino" if kind.startswith("openvino") else kind
+    path = folder / f"model-{family}{SUFFIX[kind]}"
+    if not path.exists():
+        report = export_onnx(checkpoint=run, output=path, int8=kind == "onnx-int8", int8_data=int8_data)
+        if not report.verification.passed:
+            raise UserError(f"the {kind} export of {run} did not verify: not benchmarked")
+    if kind == "onnx-int8":
+        return load_classifier(int8_path_for(path), calibrated=False)
+    if kind == "openvino-bf16":
+        from clothcli.backends.openvino_runtime import OpenVinoClassifier
+
+        return OpenVinoClassifier(path, calibrated=False, precision="bf16")
+    return load_classifier(path, calibrated=False)
+
+
+def _predict_rate(classifier: Classifier, files: list[Path], workers: int) -> float:
+    start = time.perf_counter()
+    for _ in classifier.run(files, 64, workers):
+        pass
+    return len(files) / (time.perf_counter() - start)
+
+
+def benchmark(
+    *,
+    run: str | Path,
+    data: str | Path,
+    split: str = "validation",
+    formats: list[str] | None = None,
+    workers: int = 2,
+) -> BenchmarkReport:
+    """Every format of `run` measured on the `split` of `data` (which must also have a train split, for
+    the int8 calibration)."""
+    import torch
+
+    kinds, run, data = _parse_formats(formats), Path(run), Path(data)
+    reference = load_classifier(run, calibrated=False, in_workers=False)
+    files = [path for path, _ in split_of(reference, data, split).samples]
+    report = BenchmarkReport(str(run), str(data), split, torch.get_num_threads())
+    base = None
+    with tempfile.TemporaryDirectory(prefix="clothcli-benchmark-") as scratch:
+        for kind in kinds:
+            model = reference if kind == "pytorch" else _export(run, kind, Path(scratch), data)
+            found = labelled_outputs(model, data, split, workers=workers)
+            right = found.logits.argmax(1) == found.targets
+            predicted = found.logits.argmax(1)
+            if base is None:
+                base = (predicted, right)
+            side = 3, model.preprocess.input_size, model.preprocess.input_size
+            only_reference, only_this = int((base[1] & ~right).sum()), int((right & ~base[1]).sum())
+            report.rows.append(
+                FormatRow(
+                    name=kind,
+                    bytes=None if kind == "pytorch" else sum(p.stat().st_size for p in exported_files(model.source)),
+                    n=len(right),
+                    accuracy=float(right.mean()) if len(right) else 0.0,
+                    agreement=float((predicted == base[0]).mean()) if len(right) else 0.0,
+                    p_value=mcnemar_exact(only_reference, only_this),
+                    ms_batch1=latency_ms(model, side, 1),
+                    images_per_s_batch64=1000.0 / latency_ms(model, side, 64),
+                    predict_images_per_s=_predict_rate(model, files, workers),
+                )
+            )
+    start = time.perf_counter()
+    for _ in image_batches(files, reference.preprocess, 64, workers):
+        pass
+    report.decode_images_per_s = len(files) / (time.perf_counter() - start)
+    return report
