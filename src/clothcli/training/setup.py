@@ -92,13 +92,8 @@ class Setup:
         return not isinstance(self.task, ClassificationTask)
 
 
-def prepare(
-    cfg: Config, reporter: Reporter | None = None, optimizer_lr: float | None = None, compile_model: bool = True
-) -> Setup:
-    """Index the data, build model, loaders, optimizer and loss, and hand them to Accelerate."""
-    reporter = reporter or SilentReporter()
-    check_compile_backend(cfg.train.compile)
-    check_trackers(cfg)
+def _open_data(cfg: Config, reporter: Reporter) -> Source:
+    """The dataset (downloaded first when asked), and what was decided about its splits, said."""
     if not cfg.data.root:
         raise UserError("no dataset given: pass --data PATH (or set data.root in the config)")
     root = Path(cfg.data.root)
@@ -108,14 +103,25 @@ def prepare(
         reporter.message(f"downloading the dataset into {root}")
         download_dataset(root)
     source = open_dataset(root, cfg.data, workers=max(1, cfg.data.num_workers))
-    index = source.index
     if source.plan is not None:
-        reporter.message(describe_split(source.plan, index, cfg.data.split.seed))
-    if "validation" not in index.splits:
+        reporter.message(describe_split(source.plan, source.index, cfg.data.split.seed))
+    if "validation" not in source.index.splits:
         reporter.message(
             "warning: no validation images: no best/ checkpoint will be chosen (give a validation/ split, "
             "or set data.split.carve_validation=true to carve one out of train)"
         )
+    return source
+
+
+def prepare(
+    cfg: Config, reporter: Reporter | None = None, optimizer_lr: float | None = None, compile_model: bool = True
+) -> Setup:
+    """Index the data, build model, loaders, optimizer and loss, and hand them to Accelerate."""
+    reporter = reporter or SilentReporter()
+    check_compile_backend(cfg.train.compile)
+    check_trackers(cfg)
+    source = _open_data(cfg, reporter)
+    index = source.index
 
     accelerator = make_accelerator(
         cfg.train.mixed_precision,
