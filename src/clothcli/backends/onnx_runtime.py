@@ -12,27 +12,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clothcli.backends.base import Classifier, OutputBatch
-from clothcli.data.images import ImageReadError
+from clothcli.backends.arrays import FEATURES_OUTPUT, METADATA_KEY, ExportedClassifier, validate_metadata
 from clothcli.data.preprocess import Preprocess
 from clothcli.errors import UserError
 from clothcli.formats import ONNX
 from clothcli.io_utils import atomic_path
-from clothcli.names import check_class_names
 from clothcli.untrusted import parse_json
 
 EXPORT_EXTRA = "pip install 'clothcli[export]'"
-METADATA_KEY = "clothcli"  # the checkpoint's meta as JSON, in the model's metadata_props
-FEATURES_OUTPUT = "features"
 
 
 def import_onnxruntime() -> Any:
@@ -50,16 +42,6 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
     if not text:
         raise UserError(f"{path}: no class names inside; export it with `clothcli export`")
     return validate_metadata(parse_json(text, path), path)
-
-
-def validate_metadata(meta: Any, path: Path) -> dict[str, Any]:
-    """An export's clothcli metadata when it holds a valid class list and preprocessing; else one line."""
-    try:
-        Preprocess.from_dict(meta["preprocess"])
-        classes = check_class_names(meta["classes"], str(path))
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path}: its clothcli metadata is not readable (classes and preprocess)") from None
-    return {**meta, "classes": classes}
 
 
 def check_external_data(path: Path) -> None:
@@ -121,7 +103,7 @@ def write_metadata(path: Path, meta: dict[str, Any]) -> None:
         onnx.save(graph, str(staged))
 
 
-class OnnxClassifier(Classifier):
+class OnnxClassifier(ExportedClassifier):
     """An exported model ready to classify: the ONNX Runtime session, its classes and preprocessing."""
 
     format = ONNX
@@ -146,100 +128,12 @@ class OnnxClassifier(Classifier):
             return self._threads
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
-    @property
-    def has_features(self) -> bool:
-        return FEATURES_OUTPUT in self.output_names
-
-    def forward(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(self.output_names[:1], {self.input_name: images})[0]
-
-    def _forward_with_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, features = self.session.run([self.output_names[0], FEATURES_OUTPUT], {self.input_name: images})
-        return logits, features
-
-    def run(
-        self, files: list[Path], batch_size: int = 64, workers: int = 2, flip: bool = False, features: bool = False
-    ) -> Iterator[OutputBatch]:
-        if features and not self.has_features:
-            raise UserError(f"{self.source}: this export has no features output; export it again with clothcli export")
-        k = len(self.classes)
-        for batch in image_batches(files, self.preprocess, batch_size, workers):
-            rows = [batch.indices[pos] for pos in batch.readable]
-            out = OutputBatch(batch.indices, rows, np.zeros((0, k), dtype=np.float32), batch.errors)
-            if batch.images is not None:
-                if features:
-                    out.logits, out.features = self._forward_with_features(batch.images)
-                else:
-                    out.logits = self.forward(batch.images)
-                if flip:
-                    out.flipped_logits = self.forward(np.ascontiguousarray(batch.images[..., ::-1]))
-            yield out
+    def infer(self, images: np.ndarray, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        names = [self.output_names[0], FEATURES_OUTPUT] if features else self.output_names[:1]
+        outputs = self.session.run(names, {self.input_name: images})
+        return outputs[0], outputs[1] if features else None
 
     def store(self, **values: Any) -> None:
         meta = {**self.meta, **json.loads(json.dumps(values))}
         write_metadata(self.source, meta)
         self.meta = meta
-
-
-def _read_into(preprocess: Preprocess, path: Path, row: np.ndarray) -> str:
-    """Write the normalised CHW image at `path` into `row` (in a pool thread); why it cannot be read, or ""."""
-    try:
-        preprocess.normalise(preprocess.load(path)[None], out=row[None])
-        return ""
-    except ImageReadError as exc:
-        return str(exc)
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc}"
-
-
-@dataclass
-class ImageBatch:
-    """One batch of files: the normalised images that could be read, and why the others could not."""
-
-    indices: list[int]  # into the file list, in order
-    images: np.ndarray | None  # float32 NCHW for the readable files
-    readable: list[int]  # the positions in `indices` of the images' rows
-    errors: dict[int, str]  # file index -> reason
-
-
-def image_batches(
-    files: list[Path], preprocess: Preprocess, batch_size: int, workers: int
-) -> Iterator[ImageBatch]:
-    """`files` decoded and preprocessed in batches, in order; with `workers`, two batches ahead in threads.
-
-    Each image is normalised straight into its row of the batch's array."""
-    chunks = [list(range(start, min(start + batch_size, len(files)))) for start in range(0, len(files), batch_size)]
-    side = preprocess.input_size
-
-    def allocate(chunk: list[int]) -> np.ndarray:
-        return np.empty((len(chunk), 3, side, side), dtype=np.float32)
-
-    def assemble(chunk: list[int], array: np.ndarray, reasons: list[str]) -> ImageBatch:
-        readable = [pos for pos, reason in enumerate(reasons) if not reason]
-        images = (array if len(readable) == len(chunk) else array[readable]) if readable else None
-        errors = {chunk[pos]: reason for pos, reason in enumerate(reasons) if reason}
-        return ImageBatch(chunk, images, readable, errors)
-
-    if workers == 0:
-        for chunk in chunks:
-            array = allocate(chunk)
-            reasons = [_read_into(preprocess, files[i], array[pos]) for pos, i in enumerate(chunk)]
-            yield assemble(chunk, array, reasons)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        pending: deque[tuple[list[int], np.ndarray, list[Future]]] = deque()
-        upcoming = iter(chunks)
-
-        def submit() -> None:
-            chunk = next(upcoming, None)
-            if chunk is not None:
-                array = allocate(chunk)
-                futures = [pool.submit(_read_into, preprocess, files[i], array[pos]) for pos, i in enumerate(chunk)]
-                pending.append((chunk, array, futures))
-
-        submit()
-        submit()
-        while pending:
-            chunk, array, futures = pending.popleft()
-            submit()
-            yield assemble(chunk, array, [f.result() for f in futures])

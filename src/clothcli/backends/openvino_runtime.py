@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clothcli.backends.base import Classifier, OutputBatch
-from clothcli.backends.onnx_runtime import FEATURES_OUTPUT, METADATA_KEY, image_batches, validate_metadata
+from clothcli.backends.arrays import FEATURES_OUTPUT, METADATA_KEY, ExportedClassifier, validate_metadata
 from clothcli.data.preprocess import Preprocess
 from clothcli.errors import UserError
 from clothcli.formats import OPENVINO
@@ -74,7 +72,7 @@ def save_model(model: Any, path: Path) -> None:
         publish(staged, path)
 
 
-class OpenVinoClassifier(Classifier):
+class OpenVinoClassifier(ExportedClassifier):
     """An OpenVINO IR compiled for the CPU, ready to classify."""
 
     format = OPENVINO
@@ -108,34 +106,10 @@ class OpenVinoClassifier(Classifier):
     def threads(self) -> int:
         return self._threads or int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
 
-    @property
-    def has_features(self) -> bool:
-        return FEATURES_OUTPUT in self.output_names
-
-    def _infer(self, images: np.ndarray) -> list[np.ndarray]:
+    def infer(self, images: np.ndarray, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         results = self.compiled(images)
-        return [np.asarray(results[output]) for output in self.compiled.outputs]
-
-    def forward(self, images: np.ndarray) -> np.ndarray:
-        return self._infer(images)[0]
-
-    def run(
-        self, files: list[Path], batch_size: int = 64, workers: int = 2, flip: bool = False, features: bool = False
-    ) -> Iterator[OutputBatch]:
-        if features and not self.has_features:
-            raise UserError(f"{self.source}: this export has no features output; export it again with clothcli export")
-        k = len(self.classes)
-        for batch in image_batches(files, self.preprocess, batch_size, workers):
-            rows = [batch.indices[pos] for pos in batch.readable]
-            out = OutputBatch(batch.indices, rows, np.zeros((0, k), dtype=np.float32), batch.errors)
-            if batch.images is not None:
-                outputs = self._infer(batch.images)
-                out.logits = outputs[0]
-                if features:
-                    out.features = outputs[self.output_names.index(FEATURES_OUTPUT)]
-                if flip:
-                    out.flipped_logits = self.forward(np.ascontiguousarray(batch.images[..., ::-1]))
-            yield out
+        outputs = [np.asarray(results[output]) for output in self.compiled.outputs]
+        return outputs[0], outputs[self.output_names.index(FEATURES_OUTPUT)] if features else None
 
     def store(self, **values: Any) -> None:
         meta = {**self.meta, **json.loads(json.dumps(values))}

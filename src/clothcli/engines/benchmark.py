@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clothcli.backends import Classifier, load_classifier
-from clothcli.backends.onnx_runtime import image_batches
+from clothcli.backends.arrays import image_batches
 from clothcli.engines.compare import latency_ms
 from clothcli.engines.comparison import mcnemar_exact
 from clothcli.engines.evaluate import labelled_outputs, split_of

@@ -28,14 +28,9 @@ import numpy as np
 import torch
 
 from clothcli.backends import Classifier, load_classifier
+from clothcli.backends.arrays import FEATURES_OUTPUT, METADATA_KEY, image_batches
 from clothcli.backends.base import SCHEMA_VERSION
-from clothcli.backends.onnx_runtime import (
-    EXPORT_EXTRA,
-    FEATURES_OUTPUT,
-    METADATA_KEY,
-    OnnxClassifier,
-    image_batches,
-)
+from clothcli.backends.onnx_runtime import EXPORT_EXTRA, OnnxClassifier
 from clothcli.backends.openvino_runtime import OpenVinoClassifier, convert_onnx, import_openvino, publish
 from clothcli.backends.pytorch import torch_module
 from clothcli.data.preprocess import Preprocess

@@ -1,0 +1,134 @@
+"""What every exported format shares: images decoded into NumPy batches, and one `run` over them.
+
+Exported models run without PyTorch, so they decode with PIL and NumPy (`data.preprocess`) in a
+thread pool (PIL releases the GIL while it decodes and resizes), two batches ahead of the model.
+A backend of this kind implements `infer` (logits, and the penultimate features when asked) and
+inherits the rest of the `Classifier` interface's work from `ExportedClassifier`.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clothcli.backends.base import Classifier, OutputBatch
+from clothcli.data.images import ImageReadError
+from clothcli.data.preprocess import Preprocess
+from clothcli.errors import UserError
+from clothcli.names import check_class_names
+
+METADATA_KEY = "clothcli"  # the checkpoint's meta as JSON, inside the exported file
+FEATURES_OUTPUT = "features"  # the graph's second output: the penultimate features
+
+
+def validate_metadata(meta: Any, path: Path) -> dict[str, Any]:
+    """An export's clothcli metadata when it holds a valid class list and preprocessing; else one line."""
+    try:
+        Preprocess.from_dict(meta["preprocess"])
+        classes = check_class_names(meta["classes"], str(path))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: its clothcli metadata is not readable (classes and preprocess)") from None
+    return {**meta, "classes": classes}
+
+
+class ExportedClassifier(Classifier):
+    """An exported model: decoding here, the graph in a runtime (`infer`)."""
+
+    output_names: list[str]
+
+    @abstractmethod
+    def infer(self, images: np.ndarray, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits of a preprocessed float32 NCHW batch, and its features when asked."""
+
+    @property
+    def has_features(self) -> bool:
+        return FEATURES_OUTPUT in self.output_names
+
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        return self.infer(images)[0]
+
+    def run(
+        self, files: list[Path], batch_size: int = 64, workers: int = 2, flip: bool = False, features: bool = False
+    ) -> Iterator[OutputBatch]:
+        if features and not self.has_features:
+            raise UserError(f"{self.source}: this export has no features output; export it again with clothcli export")
+        k = len(self.classes)
+        for batch in image_batches(files, self.preprocess, batch_size, workers):
+            rows = [batch.indices[pos] for pos in batch.readable]
+            out = OutputBatch(batch.indices, rows, np.zeros((0, k), dtype=np.float32), batch.errors)
+            if batch.images is not None:
+                out.logits, out.features = self.infer(batch.images, features)
+                if flip:
+                    out.flipped_logits = self.forward(np.ascontiguousarray(batch.images[..., ::-1]))
+            yield out
+
+
+def _read_into(preprocess: Preprocess, path: Path, row: np.ndarray) -> str:
+    """Write the normalised CHW image at `path` into `row` (in a pool thread); why it cannot be read, or ""."""
+    try:
+        preprocess.normalise(preprocess.load(path)[None], out=row[None])
+        return ""
+    except ImageReadError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class ImageBatch:
+    """One batch of files: the normalised images that could be read, and why the others could not."""
+
+    indices: list[int]  # into the file list, in order
+    images: np.ndarray | None  # float32 NCHW for the readable files
+    readable: list[int]  # the positions in `indices` of the images' rows
+    errors: dict[int, str]  # file index -> reason
+
+
+def image_batches(
+    files: list[Path], preprocess: Preprocess, batch_size: int, workers: int
+) -> Iterator[ImageBatch]:
+    """`files` decoded and preprocessed in batches, in order; with `workers`, two batches ahead in threads.
+
+    Each image is normalised straight into its row of the batch's array."""
+    chunks = [list(range(start, min(start + batch_size, len(files)))) for start in range(0, len(files), batch_size)]
+    side = preprocess.input_size
+
+    def allocate(chunk: list[int]) -> np.ndarray:
+        return np.empty((len(chunk), 3, side, side), dtype=np.float32)
+
+    def assemble(chunk: list[int], array: np.ndarray, reasons: list[str]) -> ImageBatch:
+        readable = [pos for pos, reason in enumerate(reasons) if not reason]
+        images = (array if len(readable) == len(chunk) else array[readable]) if readable else None
+        errors = {chunk[pos]: reason for pos, reason in enumerate(reasons) if reason}
+        return ImageBatch(chunk, images, readable, errors)
+
+    if workers == 0:
+        for chunk in chunks:
+            array = allocate(chunk)
+            reasons = [_read_into(preprocess, files[i], array[pos]) for pos, i in enumerate(chunk)]
+            yield assemble(chunk, array, reasons)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque[tuple[list[int], np.ndarray, list[Future]]] = deque()
+        upcoming = iter(chunks)
+
+        def submit() -> None:
+            chunk = next(upcoming, None)
+            if chunk is not None:
+                array = allocate(chunk)
+                futures = [pool.submit(_read_into, preprocess, files[i], array[pos]) for pos, i in enumerate(chunk)]
+                pending.append((chunk, array, futures))
+
+        submit()
+        submit()
+        while pending:
+            chunk, array, futures = pending.popleft()
+            submit()
+            yield assemble(chunk, array, [f.result() for f in futures])
