@@ -140,3 +140,20 @@ def test_benchmark_puts_every_format_side_by_side(exported, tmp_path):
     assert report["decode_images_per_s"] > 0 and "decode" in result.stdout
     bad = runner.invoke(app, ["benchmark", str(run), "--data", str(data), "--formats", "onnx,tflite"])
     assert bad.exit_code == 2 and "unknown format" in bad.output
+
+
+def test_predict_and_evaluate_in_bf16(exported, tmp_path):
+    run, data, xml, _, _ = exported
+    rows = {}
+    for precision in ("f32", "bf16"):
+        out = tmp_path / f"{precision}.csv"
+        result = runner.invoke(app, ["predict", str(xml), str(data / "test"), "-o", str(out), "--precision", precision])
+        assert result.exit_code == 0, result.output
+        rows[precision] = out.read_text().splitlines()
+    assert len(rows["bf16"]) == len(rows["f32"]) == 10
+    result = runner.invoke(app, ["evaluate", str(xml), str(data), "--precision", "bf16", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    cases = {"applies to OpenVINO": (run, "bf16"), "f32 or bf16": (xml, "fp8")}
+    for expected, (model, precision) in cases.items():
+        bad = runner.invoke(app, ["predict", str(model), str(data / "test"), "--precision", precision])
+        assert bad.exit_code == 2 and expected in bad.output

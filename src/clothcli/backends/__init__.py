@@ -24,13 +24,16 @@ def load_classifier(
     input_size: int | None = None,
     crop_pct: float | None = None,
     in_workers: bool | None = None,
+    precision: str | None = None,
 ) -> Classifier:
     """The model at `path` (a run folder, a checkpoint folder, its model.safetensors, or an exported
     file), with the temperature `clothcli calibrate` stored unless not `calibrated`.
 
     `device`, `input_size`, `crop_pct` and `in_workers` apply to checkpoints only (an exported file has
     its preprocessing fixed in the graph's input and runs on the CPU); `threads` sets an exported
-    model's intra-op threads."""
+    model's intra-op threads; `precision` (f32 or bf16) an OpenVINO model's inference precision."""
+    if precision not in (None, "f32") and model_format(path) != OPENVINO:
+        raise UserError(f"--precision {precision} applies to OpenVINO models (.xml); {path} is not one")
     kind = model_format(path)
     if kind != PYTORCH:
         if device not in (None, "cpu") or in_workers:
@@ -44,7 +47,7 @@ def load_classifier(
     if kind == OPENVINO:
         from clothcli.backends.openvino_runtime import OpenVinoClassifier
 
-        return OpenVinoClassifier(path, calibrated=calibrated, threads=threads)
+        return OpenVinoClassifier(path, calibrated=calibrated, threads=threads, precision=precision or "f32")
     from clothcli.backends.pytorch import TorchClassifier
     from clothcli.models.loading import load_for_inference
 

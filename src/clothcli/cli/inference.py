@@ -18,6 +18,7 @@ from clothcli.cli.options import (
     ModelArgument,
     OodOption,
     OodRecallOption,
+    PrecisionOption,
     WorkersOption,
     save,
     save_json,
@@ -60,6 +61,7 @@ def evaluate(
     calibration: CalibrationOption = True,
     ood: OodOption = None,
     ood_recall: OodRecallOption = 0.95,
+    precision: PrecisionOption = None,
 ) -> None:
     """Accuracy, precision/recall/F1 (weighted, micro, macro, per class) and the confusion matrix."""
     from clothcli.engines.evaluate import errors_rows
@@ -72,7 +74,7 @@ def evaluate(
         report = run_evaluation(
             model=model, data=data, split=split, batch_size=batch_size, workers=workers, tta_flip=tta,
             input_size=input_size, crop_pct=crop_pct, calibrated=calibration, reliability_png=reliability_png,
-            ood=ood, ood_recall=ood_recall,
+            ood=ood, ood_recall=ood_recall, precision=precision,
         )  # fmt: skip
     render.evaluation(report, normalise)
     save_json(json_path, report.to_dict())
@@ -115,6 +117,7 @@ def predict(
         bool, typer.Option(help="Continue an interrupted run: skip the images already in the -o file, append the rest.")
     ] = False,
     calibration: CalibrationOption = True,
+    precision: PrecisionOption = None,
 ) -> None:
     """Classify the images of files and folders: fast, batched, robust to bad files."""
     from clothcli.engines.predict import run_predict
@@ -132,7 +135,7 @@ def predict(
         summary = run_predict(
             model=model, inputs=inputs, recursive=recursive, batch_size=batch_size, workers=workers, top_k=top_k,
             min_confidence=min_confidence, output=output, copy_to=copy_to, move_to=move_to, device=device,
-            on_result=on_result, resume=resume, calibrated=calibration,
+            on_result=on_result, resume=resume, calibrated=calibration, precision=precision,
         )  # fmt: skip
     render.predictions(rows, summary, top_k)
     if output:

@@ -59,6 +59,14 @@ OodRecallOption = Annotated[
         "--ood-recall", min=0.5, max=1.0, help="Share of the classes' images a rejection threshold must keep."
     ),
 ]
+PrecisionOption = Annotated[
+    str | None,
+    typer.Option(
+        "--precision",
+        help="An OpenVINO model's inference precision, f32 or bf16 (faster on CPUs with AVX512-BF16 or AMX).",
+        show_default="f32",
+    ),
+]
 BatchSizeOption = Annotated[int, typer.Option(min=1, help="Images per batch.")]
 WorkersOption = Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")]
 ModelArgument = Annotated[

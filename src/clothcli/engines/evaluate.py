@@ -150,6 +150,7 @@ def evaluate(
     reliability_png: str | Path | None = None,
     ood: str | Path | None = None,
     ood_recall: float = 0.95,
+    precision: str | None = None,
 ) -> EvalReport:
     """The full classification report, calibration, and per-file predictions (for the errors list).
 
@@ -160,8 +161,9 @@ def evaluate(
     False. With `ood`, a folder of images that belong to none of the classes, the report says how well
     the scores of `metrics.separation` tell the split's images from those."""
     classifier = load_classifier(
-        model, device=device, calibrated=calibrated, input_size=input_size, crop_pct=crop_pct, in_workers=False
-    )
+        model, device=device, calibrated=calibrated, input_size=input_size, crop_pct=crop_pct, in_workers=False,
+        precision=precision,
+    )  # fmt: skip
     return evaluate_classifier(
         classifier, data, split, batch_size=batch_size, workers=workers, tta_flip=tta_flip,
         reliability_png=reliability_png, ood=ood, ood_recall=ood_recall,

@@ -92,6 +92,7 @@ def run_predict(
     on_result: Callable[[Prediction], None] | None = None,
     resume: bool = False,
     calibrated: bool = True,
+    precision: str | None = None,
 ) -> PredictSummary:
     """Classify everything `inputs` names with the model at `model`; stream to `output`; sort into folders.
 
@@ -107,7 +108,7 @@ def run_predict(
         raise UserError(f"not found: {', '.join(found.missing)}")
     if not found.files:
         raise UserError("no image files found in: " + ", ".join(inputs))
-    classifier = load_classifier(model, device=device, calibrated=calibrated)
+    classifier = load_classifier(model, device=device, calibrated=calibrated, precision=precision)
     rejection_threshold(classifier, min_confidence)  # an impossible "auto" fails before any file is written
     # one safe, distinct folder per label (a label may hold a slash), "unknown" among them
     folders = class_folders([*classifier.classes, UNKNOWN]) if copy_to or move_to else {}
