@@ -43,6 +43,15 @@ class ExportedClassifier(Classifier):
 
     output_names: list[str]
 
+    def _adopt(self, calibrated: bool) -> None:
+        """Classes, preprocessing, architecture and calibration from `self.meta`, the file's metadata."""
+        self.classes = self.meta["classes"]
+        self.preprocess = Preprocess.from_dict(self.meta["preprocess"])
+        self.arch = str(self.meta.get("arch", "?"))
+        self.temperature = self.stored_temperature if calibrated else 1.0
+        threshold = self.meta.get("ood_threshold")
+        self.ood_threshold = None if threshold is None else float(threshold)
+
     @abstractmethod
     def infer(self, images: np.ndarray, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits of a preprocessed float32 NCHW batch, and its features when asked."""

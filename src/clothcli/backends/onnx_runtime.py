@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from clothcli.backends.arrays import FEATURES_OUTPUT, METADATA_KEY, ExportedClassifier, validate_metadata
-from clothcli.data.preprocess import Preprocess
 from clothcli.errors import UserError
 from clothcli.formats import ONNX
 from clothcli.io_utils import atomic_path
@@ -112,12 +111,7 @@ class OnnxClassifier(ExportedClassifier):
         self.source = Path(path)
         self.session = open_session(self.source, threads)
         self.meta = read_metadata(self.session, self.source)
-        self.classes = self.meta["classes"]
-        self.preprocess = Preprocess.from_dict(self.meta["preprocess"])
-        self.arch = str(self.meta.get("arch", "?"))
-        self.temperature = self.stored_temperature if calibrated else 1.0
-        threshold = self.meta.get("ood_threshold")
-        self.ood_threshold = None if threshold is None else float(threshold)
+        self._adopt(calibrated)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._threads = threads

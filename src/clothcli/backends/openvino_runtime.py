@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from clothcli.backends.arrays import FEATURES_OUTPUT, METADATA_KEY, ExportedClassifier, validate_metadata
-from clothcli.data.preprocess import Preprocess
 from clothcli.errors import UserError
 from clothcli.formats import OPENVINO
 from clothcli.untrusted import parse_json
@@ -83,12 +82,7 @@ class OpenVinoClassifier(ExportedClassifier):
         self.source = Path(path)
         self.model = read_model(self.source)
         self.meta = model_metadata(self.model, self.source)
-        self.classes = self.meta["classes"]
-        self.preprocess = Preprocess.from_dict(self.meta["preprocess"])
-        self.arch = str(self.meta.get("arch", "?"))
-        self.temperature = self.stored_temperature if calibrated else 1.0
-        threshold = self.meta.get("ood_threshold")
-        self.ood_threshold = None if threshold is None else float(threshold)
+        self._adopt(calibrated)
         self.precision = precision
         config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision]}
         if threads:
