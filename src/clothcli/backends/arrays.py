@@ -100,9 +100,7 @@ class ImageBatch:
     errors: dict[int, str]  # file index -> reason
 
 
-def image_batches(
-    files: list[Path], preprocess: Preprocess, batch_size: int, workers: int
-) -> Iterator[ImageBatch]:
+def image_batches(files: list[Path], preprocess: Preprocess, batch_size: int, workers: int) -> Iterator[ImageBatch]:
     """`files` decoded and preprocessed in batches, in order; with `workers`, two batches ahead in threads.
 
     Each image is normalised straight into its row of the batch's array."""

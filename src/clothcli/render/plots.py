@@ -17,6 +17,7 @@ from clothcli.errors import UserError
 
 Target = str | Path | io.BytesIO
 
+
 def _pyplot() -> Any:
     import matplotlib
 

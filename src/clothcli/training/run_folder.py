@@ -303,9 +303,7 @@ def check_state_files(state_dir: Path) -> None:
             raise UserError(f"{path}: not loadable as data ({reason}); {UNTOUCHED}") from None
 
 
-def load_state(
-    accelerator: Accelerator, run_dir: Path, averaged: dict[str, nn.Module], scheduler: Any
-) -> None:
+def load_state(accelerator: Accelerator, run_dir: Path, averaged: dict[str, nn.Module], scheduler: Any) -> None:
     """The state `save_state` wrote, back into the prepared objects (`read_resume_point` has checked that
     every file loads as data)."""
     state_dir = run_dir / STATE_DIR
