@@ -87,7 +87,8 @@ def whole_command(checkpoint: Path, inputs: list[str], out: Path) -> float:
 def onnx_models(checkpoint: Path, folder: Path, calibration: Path | None) -> dict[str, Path]:
     """The checkpoint exported to fp32 ONNX (and int8 with calibration data); empty without the extra."""
     try:
-        from clothcli.engines.export import export_onnx, int8_path_for
+        from clothcli.engines.export import export_onnx
+        from clothcli.engines.quantize import int8_path_for
     except ImportError:
         return {}
     report = export_onnx(

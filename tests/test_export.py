@@ -27,7 +27,8 @@ from conftest import COLORS, TINY_OVERRIDES, make_dataset, make_image
 pytest.importorskip("onnxruntime", reason="the export extra (pip install 'clothcli[export]') is not installed")
 
 from clothcli.backends.onnx_runtime import OnnxClassifier
-from clothcli.engines.export import export_onnx, int8_path_for
+from clothcli.engines.export import export_onnx
+from clothcli.engines.quantize import int8_path_for
 
 runner = CliRunner()
 TORCH_FAMILY = ("torch", "timm", "torchvision")

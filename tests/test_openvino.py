@@ -1,6 +1,7 @@
 """The OpenVINO backend: `export -o model.xml`, and predict, evaluate, calibrate and compare through it."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -114,9 +115,29 @@ def test_bad_irs_are_one_line(exported, tmp_path):
     for path, expected in ((lonely, "weights file"), (garbage, "not a readable OpenVINO model")):
         result = runner.invoke(app, ["predict", str(path), str(data / "test")])
         assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
-    int8 = runner.invoke(app, ["export", str(exported[0]), "-o", str(tmp_path / "m.xml"), "--int8", "--int8-data",
-                               str(data)])  # fmt: skip
-    assert int8.exit_code == 2 and "export to a .onnx file" in int8.output
+
+
+def test_int8_ir_through_nncf(exported, tmp_path, monkeypatch):
+    """`--int8` on a .xml output quantizes the IR with NNCF beside it, with the checkpoint's metadata."""
+    pytest.importorskip("nncf", reason="NNCF (the openvino extra) is not installed")
+    run, data, _, _, _ = exported
+    xml = tmp_path / "ir" / "m.xml"
+    xml.parent.mkdir()
+    report = export_onnx(checkpoint=run, output=xml, int8=True, int8_data=data)
+    int8_xml = xml.parent / "m.int8.xml"
+    assert report.int8.path == str(int8_xml)
+    assert sorted(p.name for p in xml.parent.iterdir()) == ["m.bin", "m.int8.bin", "m.int8.xml", "m.xml"]
+    assert report.int8.bytes == int8_xml.stat().st_size + int8_xml.with_suffix(".bin").stat().st_size
+    quantized = load_classifier(int8_xml)
+    assert quantized.meta["quantization"] == "int8 NNCF" and quantized.classes == load_classifier(xml).classes
+    assert 0.0 <= report.int8.int8_accuracy <= 1.0 and report.int8.images == 9
+    ops = {op.get_type_name() for op in quantized.model.get_ops()}
+    assert "FakeQuantize" in ops  # quantized, not the fp32 graph again
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    command = ["export", str(run), "-o", str(tmp_path / "n.xml"), "--int8", "--int8-data", str(data)]
+    missing = runner.invoke(app, command)
+    assert missing.exit_code == 2 and "clothcli[openvino]" in missing.output
+    assert not (tmp_path / "n.xml").exists()  # checked before anything is written
 
 
 def test_benchmark_puts_every_format_side_by_side(exported, tmp_path):
@@ -124,20 +145,25 @@ def test_benchmark_puts_every_format_side_by_side(exported, tmp_path):
     the calibrate test, one more OpenVINO compilation crashed (a segfault inside OpenVINO)."""
     run, data, _, _, _ = exported
     out = tmp_path / "b.json"
-    command = [sys.executable, "-m", "clothcli", "benchmark", str(run), "--data", str(data), "--workers", "0"]
-    result = subprocess.run([*command, "--json", str(out)], capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "clothcli", "benchmark", str(run), "--data", str(data), "--workers", "0",
+               "--split", "validation,test"]  # fmt: skip
+    wide = {**os.environ, "COLUMNS": "200"}
+    result = subprocess.run([*command, "--json", str(out)], capture_output=True, text=True, timeout=300, env=wide)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     names = [row["name"] for row in report["rows"]]
-    assert names == ["pytorch", "onnx", "onnx-int8", "openvino", "openvino-bf16"]
+    assert names == ["pytorch", "onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8"]
+    assert report["split"] == "validation,test"
     reference = report["rows"][0]
     assert reference["agreement"] == 1.0 and reference["p_value"] == 1.0 and reference["bytes"] is None
     for row in report["rows"]:
-        assert row["n"] == 9 and 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["p_value"] <= 1.0
+        assert row["n"] == 18 and 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["p_value"] <= 1.0
         assert row["ms_batch1"] > 0 and row["images_per_s_batch64"] > 0 and row["predict_images_per_s"] > 0
     assert report["rows"][1]["agreement"] == 1.0 and report["rows"][3]["agreement"] == 1.0  # fp32 formats
     assert report["rows"][2]["bytes"] < report["rows"][1]["bytes"]  # int8 weights are smaller
-    assert report["decode_images_per_s"] > 0 and "decode" in result.stdout
+    assert report["rows"][5]["bytes"] < report["rows"][3]["bytes"]
+    assert report["decode_images_per_s"] > 0 and report["preprocess_images_per_s"] > 0
+    assert "decode only" in result.stdout and "decode and preprocess" in result.stdout
     bad = runner.invoke(app, ["benchmark", str(run), "--data", str(data), "--formats", "onnx,tflite"])
     assert bad.exit_code == 2 and "unknown format" in bad.output
 

@@ -32,7 +32,7 @@ def export(
         ),
     ] = 1e-3,
     int8: Annotated[
-        bool, typer.Option(help="Also write NAME.int8.onnx: static int8 quantization (QDQ), needs --int8-data.")
+        bool, typer.Option(help="Also write NAME.int8.onnx or NAME.int8.xml: post-training int8, needs --int8-data.")
     ] = False,
     int8_data: Annotated[
         Path | None,
@@ -105,11 +105,11 @@ def benchmark(
     run: Annotated[Path, typer.Argument(help="Run folder (uses best/) to export into every format and measure.")],
     data: Annotated[Path, typer.Option(help="Dataset: SPLIT is measured on, its train split calibrates int8.")],
     split: Annotated[
-        str, typer.Option(help="Split the accuracies and the McNemar tests are computed on.")
+        str, typer.Option(help="Split, or comma-separated splits taken together, for the accuracies and McNemar tests.")
     ] = "validation",
     formats: Annotated[
-        str, typer.Option(help="Comma-separated: pytorch, onnx, onnx-int8, openvino, openvino-bf16.")
-    ] = "pytorch,onnx,onnx-int8,openvino,openvino-bf16",
+        str, typer.Option(help="Comma-separated: pytorch, onnx, onnx-int8, openvino, openvino-bf16, openvino-int8.")
+    ] = "pytorch,onnx,onnx-int8,openvino,openvino-bf16,openvino-int8",
     workers: Annotated[int, typer.Option(min=0, help="Decoding threads or processes.")] = 2,
     json_path: JsonOption = None,
 ) -> None:

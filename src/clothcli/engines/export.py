@@ -1,5 +1,5 @@
 """`clothcli export`: a checkpoint as an ONNX file or an OpenVINO IR that runs without PyTorch, verified;
-optionally an int8 ONNX model.
+optionally an int8 model beside it.
 
 The model is exported with batch norm folded (as `predict` runs it) through torch.onnx's dynamo
 exporter, which handles the explicit "same" padding of timm's `tf_` models, with a dynamic batch
@@ -7,19 +7,17 @@ dimension and two outputs: the logits and the penultimate features. The checkpoi
 (classes, preprocessing, temperature, rejection threshold, schema version) goes into the file's
 metadata_props, so the .onnx file is all `predict` and `evaluate` need. Verification runs the ONNX
 Runtime backend and the PyTorch backend on the same preprocessed images; a file that fails it is
-not written. `--int8` adds ONNX Runtime's static QDQ quantization, calibrated on training images.
+not written. `--int8` adds an int8 model calibrated on training images (`engines.quantize`): ONNX
+Runtime's static QDQ quantization for .onnx, NNCF's for an OpenVINO IR.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +31,9 @@ from clothcli.backends.base import SCHEMA_VERSION
 from clothcli.backends.onnx_runtime import EXPORT_EXTRA, OnnxClassifier
 from clothcli.backends.openvino_runtime import OpenVinoClassifier, convert_onnx, import_openvino, publish
 from clothcli.backends.pytorch import torch_module
-from clothcli.data.preprocess import Preprocess
 from clothcli.data.sources import available_splits
 from clothcli.engines.evaluate import model_outputs, own_split, split_of
+from clothcli.engines.quantize import quantize_int8, quiet, require_quantizer
 from clothcli.errors import UserError
 from clothcli.formats import ONNX, OPENVINO, model_format
 from clothcli.io_utils import atomic_path
@@ -51,7 +49,7 @@ META_FIELDS = (
 
 @dataclass
 class Verification:
-    """ONNX Runtime against PyTorch on the same images."""
+    """The exported model on its runtime against PyTorch, on the same images."""
 
     images: int
     source: str  # the folder the images came from, or "generated"
@@ -61,6 +59,7 @@ class Verification:
     # disagreements on images whose top two PyTorch logits are closer than the allowed difference
     near_ties: int
     tolerance: float
+    runtime: str = ONNX  # the exported file's format (formats.ONNX, formats.OPENVINO)
 
     @property
     def allowed_diff(self) -> float:
@@ -120,20 +119,13 @@ def _check_output(output: Path) -> None:
         raise UserError(f"output folder not found: {output.parent}")
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence what the exporter and the quantizer print on stdout: the command renders its own report."""
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        yield
-
-
 def _export_graph(model: torch.nn.Module, input_size: int, opset: int, path: Path, meta: dict[str, Any]) -> None:
     """The fp32 graph with a dynamic batch dimension and the checkpoint's metadata, written to `path`."""
     import onnx
 
     model = WithFeatures(model.to(memory_format=torch.contiguous_format))
     sample = torch.randn(2, 3, input_size, input_size)
-    with warnings.catch_warnings(), _quiet():
+    with warnings.catch_warnings(), quiet():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
@@ -206,6 +198,7 @@ def verify(
         top1_agreement=float((expected.argmax(1) == found.argmax(1)).mean()),
         near_ties=0,
         tolerance=tolerance,
+        runtime=exported.format,
     )
     differ = expected.argmax(1) != found.argmax(1)
     rows = np.arange(len(expected))[differ]
@@ -214,67 +207,12 @@ def verify(
     return check
 
 
-class _CalibrationReader:
-    """Feeds ONNX Runtime's static quantization batches of training images (its CalibrationDataReader)."""
-
-    BATCH = 16
-
-    def __init__(self, files: list[Path], preprocess: Preprocess, input_name: str):
-        self.input_name = input_name
-        self.batches = (b.images for b in image_batches(files, preprocess, self.BATCH, 2) if b.images is not None)
-        self.shape: tuple[int, ...] | None = None
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        """The next batch; one of another size than the first (the last, or one with unreadable files) is
-        left out: the percentile calibrator stacks the batches' activations and needs one shape."""
-        for images in self.batches:
-            if self.shape is None or images.shape == self.shape:
-                self.shape = images.shape
-                return {self.input_name: images}
-        return None
-
-
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration_files: list[Path], meta: dict[str, Any]) -> None:
-    """Static QDQ quantization (int8 weights per channel, uint8 activations) calibrated on the files, with
-    activation ranges set at the 99.999th percentile of what the calibration images produce."""
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    model = OnnxClassifier(fp32_path)
-    scratch_dir = tempfile.TemporaryDirectory(dir=int8_path.parent, prefix=".int8-")
-    with scratch_dir as scratch, atomic_path(int8_path) as target:
-        prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        reader = _CalibrationReader(calibration_files, model.preprocess, model.input_name)
-        with _quiet():
-            quantize_static(
-                str(prepared),
-                str(target),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                # the 99.999th percentile rather than the extremes: MinMax lost 2.9 points on MobileNetV3's validation
-                calibrate_method=CalibrationMethod.Percentile,
-            )
-        graph = onnx.load(str(target))
-        _set_metadata(graph, {**meta, "quantization": "int8 QDQ"})
-        onnx.save(graph, str(target))
-
-
 def _accuracy(path: Path, samples: list) -> tuple[float, np.ndarray]:
-    """Top-1 accuracy of the .onnx model over labelled samples, and its predictions."""
-    outputs = model_outputs(OnnxClassifier(path), [p for p, _ in samples])
+    """Top-1 accuracy of the exported model over labelled samples, and its predictions."""
+    outputs = model_outputs(load_classifier(path), [p for p, _ in samples])
     predicted = outputs.logits.argmax(1)
     targets = np.array([samples[i][1] for i in outputs.rows], dtype=np.int64)
     return float((predicted == targets).mean()) if len(targets) else 0.0, predicted
-
-
-def int8_path_for(output: Path) -> Path:
-    """Where `--int8` writes the quantized model: beside the fp32 one, as NAME.int8.onnx."""
-    return output.with_name(output.stem + ".int8.onnx")
 
 
 def export_onnx(
@@ -298,11 +236,11 @@ def export_onnx(
     _check_output(output)
     if int8 and int8_data is None:
         raise UserError("--int8 needs --int8-data DATA (a dataset folder whose train split calibrates it)")
-    if int8 and model_format(output) != ONNX:
-        raise UserError("--int8 writes ONNX Runtime's int8 model: export to a .onnx file for it")
     _require_export_packages()
     if model_format(output) == OPENVINO:
         import_openvino()
+    if int8:
+        require_quantizer(output)
     start = time.perf_counter()
     loaded = load_classifier(checkpoint, device="cpu")
     model = torch_module(loaded)
@@ -376,14 +314,13 @@ def _int8(
     if "train" not in available_splits(data, own_split(classifier, data)):
         raise UserError(f"{data}: no train split to calibrate int8 on")
     _, calibration = _labelled_images(classifier, data, "train", count, seed=1)
-    quantized = int8_path_for(output)
-    quantize_int8(output, quantized, [p for p, _ in calibration], meta)
+    quantized = quantize_int8(output, [p for p, _ in calibration], classifier.preprocess, _kept_metadata(meta))
     fp32_accuracy, fp32_preds = _accuracy(output, samples)
     int8_accuracy, int8_preds = _accuracy(quantized, samples)
     agreement = float((fp32_preds == int8_preds).mean()) if len(fp32_preds) else 0.0
     return Int8Result(
         str(quantized),
-        quantized.stat().st_size,
+        sum(p.stat().st_size for p in exported_files(quantized)),
         len(calibration),
         folder,
         len(samples),

@@ -151,8 +151,9 @@ def export_report(report) -> None:
     """Render `export_onnx` output: the file, the verification and, with --int8, both accuracies."""
     check = report.verification
     verdict = "[green]passed[/]" if check.passed else "[red]FAILED[/]"
+    runtime = {"onnx": "ONNX Runtime", "openvino": "OpenVINO"}.get(check.runtime, check.runtime)
     console.print(
-        f"ONNX Runtime against PyTorch on {check.images} images ({check.source}): largest logit difference "
+        f"{runtime} against PyTorch on {check.images} images ({check.source}): largest logit difference "
         f"{check.max_abs_diff:.2e} (allowed {check.allowed_diff:.1e}), top-1 agreement {check.top1_agreement:.2%}"
         + (f" ({check.near_ties} near-ties)" if check.near_ties else "")
         + ": "
@@ -224,7 +225,7 @@ def comparison(result) -> None:
 
 
 def benchmark(report) -> None:
-    """`clothcli benchmark`: one row per format, then the decode-only ceiling."""
+    """`clothcli benchmark`: one row per format, then the decode-only ceiling and decode plus preprocessing."""
     table = Table(title=f"Formats on {report.split} of {report.data} ({report.threads} threads)")
     for col in ("format", "size", "accuracy", "agrees", "McNemar p", "ms b1", "img/s b64", "predict img/s"):
         table.add_column(col, justify="left" if col == "format" else "right")
@@ -234,4 +235,5 @@ def benchmark(report) -> None:
             f"{r.p_value:.3f}", f"{r.ms_batch1:.2f}", f"{r.images_per_s_batch64:.0f}", f"{r.predict_images_per_s:.0f}",
         )  # fmt: skip
     table.add_row("decode only", "", "", "", "", "", "", f"{report.decode_images_per_s:.0f}")
+    table.add_row("decode and preprocess", "", "", "", "", "", "", f"{report.preprocess_images_per_s:.0f}")
     console.print(table)
