@@ -217,6 +217,26 @@ def test_missing_extra_names_it(exported, trained, monkeypatch):
         assert result.exit_code == 2 and "pip install 'clothcli[export]'" in result.output, result.output
 
 
+def test_missing_executorch_names_it(trained, tmp_path, monkeypatch):
+    """ExecuTorch is outside the dev extras: exporting or running a .pte without it is one line, and
+    nothing is written."""
+    from clothcli.backends.executorch_runtime import write_sidecar
+
+    run, data = trained
+    monkeypatch.setitem(sys.modules, "executorch", None)
+    monkeypatch.setitem(sys.modules, "executorch.runtime", None)
+    program = tmp_path / "m.pte"
+    result = runner.invoke(app, ["export", str(run), "-o", str(program)])
+    assert result.exit_code == 2 and "needs ExecuTorch: pip install executorch" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+    program.write_bytes(b"a program")
+    write_sidecar(program, json.loads((run / "best" / "checkpoint.json").read_text()))
+    result = runner.invoke(app, ["predict", str(program), str(data / "test")])
+    assert result.exit_code == 2 and "needs ExecuTorch" in result.output, result.output
+    int8 = runner.invoke(app, ["export", str(run), "-o", str(tmp_path / "n.pte"), "--int8", "--int8-data", str(data)])
+    assert int8.exit_code == 2 and "exported in fp32" in int8.output
+
+
 def test_numpy_preprocessing_matches_the_torch_transform(tmp_path):
     """Real-looking images (gradients, texture, odd sizes, JPEG): the PIL resize against torch's within rounding."""
     rng = np.random.default_rng(0)

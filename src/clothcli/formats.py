@@ -7,7 +7,8 @@ from pathlib import Path
 PYTORCH = "pytorch"  # a clothcli run folder, checkpoint folder or its model.safetensors
 ONNX = "onnx"  # an exported .onnx file, run on ONNX Runtime
 OPENVINO = "openvino"  # an exported OpenVINO IR: model.xml beside model.bin
-EXPORTED_SUFFIXES = {".onnx": ONNX, ".xml": OPENVINO}
+EXECUTORCH = "executorch"  # an ExecuTorch program for XNNPACK: model.pte beside model.pte.json
+EXPORTED_SUFFIXES = {".onnx": ONNX, ".xml": OPENVINO, ".pte": EXECUTORCH}
 
 
 def model_format(path: str | Path) -> str:

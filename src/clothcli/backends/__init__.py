@@ -10,7 +10,7 @@ from pathlib import Path
 
 from clothcli.backends.base import Classifier, OutputBatch
 from clothcli.errors import UserError
-from clothcli.formats import ONNX, OPENVINO, PYTORCH, model_format
+from clothcli.formats import EXECUTORCH, ONNX, OPENVINO, PYTORCH, model_format
 
 __all__ = ["Classifier", "OutputBatch", "load_classifier"]
 
@@ -48,6 +48,10 @@ def load_classifier(
         from clothcli.backends.openvino_runtime import OpenVinoClassifier
 
         return OpenVinoClassifier(path, calibrated=calibrated, threads=threads, precision=precision or "f32")
+    if kind == EXECUTORCH:
+        from clothcli.backends.executorch_runtime import ExecuTorchClassifier
+
+        return ExecuTorchClassifier(path, calibrated=calibrated, threads=threads)
     from clothcli.backends.pytorch import TorchClassifier
     from clothcli.models.loading import load_for_inference
 

@@ -108,15 +108,19 @@ def benchmark(
         str, typer.Option(help="Split, or comma-separated splits taken together, for the accuracies and McNemar tests.")
     ] = "validation",
     formats: Annotated[
-        str, typer.Option(help="Comma-separated: pytorch, onnx, onnx-int8, openvino, openvino-bf16, openvino-int8.")
-    ] = "pytorch,onnx,onnx-int8,openvino,openvino-bf16,openvino-int8",
+        str | None,
+        typer.Option(
+            help="Comma-separated, of pytorch, onnx, onnx-int8, openvino, openvino-bf16, openvino-int8, executorch.",
+            show_default="every format whose runtime is installed",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(min=0, help="Decoding threads or processes.")] = 2,
     json_path: JsonOption = None,
 ) -> None:
     """Every format of one run side by side: size, accuracy, agreement and McNemar against PyTorch, speed."""
     from clothcli.engines.benchmark import benchmark as run_benchmark
 
-    chosen = [f.strip() for f in formats.split(",") if f.strip()]
+    chosen = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
     with render.progress_bar("exporting and measuring every format"):
         report = run_benchmark(run=run, data=data, split=split, formats=chosen, workers=workers)
     render.benchmark(report)

@@ -14,6 +14,7 @@ disagreements over all of them.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +35,15 @@ from clothcli.engines.export import export_onnx, exported_files
 from clothcli.engines.quantize import int8_path_for
 from clothcli.errors import UserError
 
-FORMATS = ("pytorch", "onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8")
-SUFFIX = {"onnx": ".onnx", "openvino": ".xml"}
+FORMATS = ("pytorch", "onnx", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8", "executorch")
+SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte"}
+RUNTIME_MODULE = {"onnx": "onnxruntime", "openvino": "openvino", "executorch": "executorch"}
+
+
+def installed_formats() -> list[str]:
+    """The formats whose runtime is installed here: what `benchmark` measures when not told."""
+    family = {kind: kind.partition("-")[0] for kind in FORMATS}
+    return [k for k in FORMATS if k == "pytorch" or importlib.util.find_spec(RUNTIME_MODULE[family[k]]) is not None]
 
 
 @dataclass
@@ -66,7 +74,7 @@ class BenchmarkReport:
 
 
 def _parse_formats(formats: list[str] | None) -> list[str]:
-    chosen = list(formats or FORMATS)
+    chosen = list(formats or installed_formats())
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown:
         raise UserError(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")

@@ -14,6 +14,7 @@ Runtime's static QDQ quantization for .onnx, NNCF's for an OpenVINO IR.
 from __future__ import annotations
 
 import json
+import os
 import random
 import tempfile
 import time
@@ -28,6 +29,13 @@ import torch
 from clothcli.backends import Classifier, load_classifier
 from clothcli.backends.arrays import FEATURES_OUTPUT, METADATA_KEY, image_batches
 from clothcli.backends.base import SCHEMA_VERSION
+from clothcli.backends.executorch_runtime import (
+    MAX_BATCH,
+    ExecuTorchClassifier,
+    import_runtime,
+    sidecar_path,
+    write_sidecar,
+)
 from clothcli.backends.onnx_runtime import EXPORT_EXTRA, OnnxClassifier
 from clothcli.backends.openvino_runtime import OpenVinoClassifier, convert_onnx, import_openvino, publish
 from clothcli.backends.pytorch import torch_module
@@ -35,7 +43,7 @@ from clothcli.data.sources import available_splits
 from clothcli.engines.evaluate import model_outputs, own_split, split_of
 from clothcli.engines.quantize import quantize_int8, quiet, require_quantizer
 from clothcli.errors import UserError
-from clothcli.formats import ONNX, OPENVINO, model_format
+from clothcli.formats import EXECUTORCH, ONNX, OPENVINO, model_format
 from clothcli.io_utils import atomic_path
 from clothcli.models.loading import WithFeatures
 
@@ -59,7 +67,7 @@ class Verification:
     # disagreements on images whose top two PyTorch logits are closer than the allowed difference
     near_ties: int
     tolerance: float
-    runtime: str = ONNX  # the exported file's format (formats.ONNX, formats.OPENVINO)
+    runtime: str = ONNX  # the exported file's format (formats.ONNX, formats.OPENVINO, formats.EXECUTORCH)
 
     @property
     def allowed_diff(self) -> float:
@@ -113,8 +121,10 @@ def _require_export_packages() -> None:
 
 
 def _check_output(output: Path) -> None:
-    if model_format(output) not in (ONNX, OPENVINO):
-        raise UserError(f"the output must end in .onnx (ONNX Runtime) or .xml (OpenVINO), got '{output.name}'")
+    if model_format(output) not in (ONNX, OPENVINO, EXECUTORCH):
+        raise UserError(
+            f"the output must end in .onnx (ONNX Runtime), .xml (OpenVINO) or .pte (ExecuTorch), got '{output.name}'"
+        )
     if not output.parent.is_dir():
         raise UserError(f"output folder not found: {output.parent}")
 
@@ -231,12 +241,18 @@ def export_onnx(
     """Export, verify and (with `int8`) quantize the checkpoint at `checkpoint` to `output`.
 
     Nothing is written to `output` unless verification passes; the caller sees the failed
-    verification in the report. With `int8`, the quantized model goes to `int8_path_for(output)`."""
+    verification in the report. With `int8`, the quantized model goes to `int8_path_for(output)`.
+    A .pte output (ExecuTorch) needs only torch and executorch; the others need the export extra."""
     output = Path(output)
     _check_output(output)
     if int8 and int8_data is None:
         raise UserError("--int8 needs --int8-data DATA (a dataset folder whose train split calibrates it)")
-    _require_export_packages()
+    if model_format(output) == EXECUTORCH:
+        if int8:
+            raise UserError("--int8 is for .onnx and .xml outputs; a .pte program is exported in fp32")
+        import_runtime()
+    else:
+        _require_export_packages()
     if model_format(output) == OPENVINO:
         import_openvino()
     if int8:
@@ -272,8 +288,28 @@ def export_onnx(
 
 
 def exported_files(output: Path) -> list[Path]:
-    """The files an export consists of: the .onnx, or the IR's .xml and .bin."""
-    return [output, output.with_suffix(".bin")] if model_format(output) == OPENVINO else [output]
+    """The files an export consists of: the .onnx, the IR's .xml and .bin, or the .pte and its sidecar."""
+    kind = model_format(output)
+    if kind == OPENVINO:
+        return [output, output.with_suffix(".bin")]
+    return [output, sidecar_path(output)] if kind == EXECUTORCH else [output]
+
+
+def _export_program(model: torch.nn.Module, input_size: int, path: Path) -> None:
+    """The fp32 model as an ExecuTorch program lowered to XNNPACK, batch dimension 1 to MAX_BATCH."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    module = WithFeatures(model.to(memory_format=torch.contiguous_format)).eval()
+    # a sample batch below the bound left the planned input buffer smaller than the bound (ExecuTorch 1.5)
+    sample = torch.randn(MAX_BATCH, 3, input_size, input_size)
+    with warnings.catch_warnings(), quiet():
+        warnings.simplefilter("ignore")
+        graph = torch.export.export(
+            module, (sample,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
+        )
+        program = to_edge_transform_and_lower(graph, partitioner=[XnnpackPartitioner()]).to_executorch()
+    path.write_bytes(program.buffer)
 
 
 def _write_verified(
@@ -283,6 +319,17 @@ def _write_verified(
     """Write the export at `output` only once it verifies against the PyTorch backend (else _Rejected).
     An OpenVINO IR is converted from the ONNX graph, in a scratch folder beside the output."""
     size = loaded.preprocess.input_size
+    if model_format(output) == EXECUTORCH:
+        with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as scratch:
+            staged = Path(scratch) / output.name
+            _export_program(model, size, staged)
+            write_sidecar(staged, _kept_metadata(loaded.meta))
+            checked = verify(loaded, ExecuTorchClassifier(staged), samples, source, tolerance)
+            if not checked.passed:
+                raise _Rejected(checked)
+            os.replace(staged, output)
+            os.replace(sidecar_path(staged), sidecar_path(output))
+        return checked
     if model_format(output) == ONNX:
         with atomic_path(output) as staged:
             _export_graph(model, size, opset, staged, loaded.meta)

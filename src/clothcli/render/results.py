@@ -151,7 +151,7 @@ def export_report(report) -> None:
     """Render `export_onnx` output: the file, the verification and, with --int8, both accuracies."""
     check = report.verification
     verdict = "[green]passed[/]" if check.passed else "[red]FAILED[/]"
-    runtime = {"onnx": "ONNX Runtime", "openvino": "OpenVINO"}.get(check.runtime, check.runtime)
+    runtime = {"onnx": "ONNX Runtime", "openvino": "OpenVINO", "executorch": "ExecuTorch"}.get(check.runtime)
     console.print(
         f"{runtime} against PyTorch on {check.images} images ({check.source}): largest logit difference "
         f"{check.max_abs_diff:.2e} (allowed {check.allowed_diff:.1e}), top-1 agreement {check.top1_agreement:.2%}"
@@ -163,7 +163,8 @@ def export_report(report) -> None:
     if not check.passed:
         err_console.print(f"[red]not written:[/] {report.path}")
         return
-    table = Table(title=f"{report.arch} at {report.input_size} px, opset {report.opset}")
+    graph = "XNNPACK" if check.runtime == "executorch" else f"opset {report.opset}"
+    table = Table(title=f"{report.arch} at {report.input_size} px, {graph}")
     for col in ("file", "size", "accuracy"):
         table.add_column(col, justify="left" if col == "file" else "right")
     int8 = report.int8
