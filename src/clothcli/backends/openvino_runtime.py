@@ -9,6 +9,7 @@ computes what PyTorch computes.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -35,6 +36,13 @@ def import_openvino() -> Any:
     return openvino
 
 
+@functools.cache
+def core() -> Any:
+    """The process's one OpenVINO Core, alive until exit: models compiled from a Core that was destroyed
+    first crashed the process later (a segfault when their objects were collected)."""
+    return import_openvino().Core()
+
+
 def read_model(path: Path) -> Any:
     """The IR at `path` (its weights in the .bin of the same name), or one line saying why not."""
     if not path.is_file():
@@ -42,9 +50,8 @@ def read_model(path: Path) -> Any:
     weights = path.with_suffix(".bin")
     if not weights.is_file():
         raise UserError(f"{path}: its weights file {weights.name} is missing beside it")
-    ov = import_openvino()
     try:
-        return ov.Core().read_model(str(path), str(weights))
+        return core().read_model(str(path), str(weights))
     except Exception as exc:  # OpenVINO raises RuntimeError with its own text
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"{path}: not a readable OpenVINO model ({reason})") from None
@@ -87,7 +94,7 @@ class OpenVinoClassifier(ExportedClassifier):
         config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision]}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = import_openvino().Core().compile_model(self.model, "CPU", config)
+        self.compiled = core().compile_model(self.model, "CPU", config)
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
         self._threads = threads
 
