@@ -122,10 +122,16 @@ def test_calibrate_with_ood_stores_the_threshold_predict_auto_rejects_with(run, 
     unknown = summary.per_class.get("unknown", 0)
     assert unknown > 0 and summary.classified == 12
     assert len(list((sorted_to / "unknown").iterdir())) == unknown
-    bad = runner.invoke(app, ["predict", str(run_dir), str(folder), "--min-confidence", "auto", "--no-calibration"])
-    assert bad.exit_code == 2 and "drop --no-calibration" in bad.output
+    method = report.rejection["method"]
+    uncalibrated = ["predict", str(run_dir), str(folder), "--min-confidence", "auto", "--no-calibration"]
+    if method in ("msp", "energy"):  # chosen on calibrated logits
+        bad = runner.invoke(app, uncalibrated)
+        assert bad.exit_code == 2 and "drop --no-calibration" in bad.output
+    else:  # a feature score needs no temperature
+        assert runner.invoke(app, uncalibrated).exit_code == 0
     evaluated = evaluate(model=run_dir, data=data, workers=0, ood=ood)
-    assert {r["score"] for r in evaluated.ood} == {"msp", "energy"} and all(0 <= r["auroc"] <= 1 for r in evaluated.ood)
+    assert {r["score"] for r in evaluated.ood} == {"msp", "energy", "knn", "mahalanobis"}
+    assert all(0 <= r["auroc"] <= 1 for r in evaluated.ood) and evaluated.rejection["method"] == method
 
 
 def test_the_stored_temperature_survives_a_resume_that_keeps_the_best_weights(run):

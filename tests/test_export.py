@@ -334,6 +334,7 @@ def test_calibrate_an_export_writes_its_temperature_into_the_file(trained, expor
     import shutil
 
     from clothcli.engines.calibrate import calibrate
+    from clothcli.io_utils import file_sha256
 
     _, data = trained
     path, _ = exported
@@ -345,7 +346,9 @@ def test_calibrate_an_export_writes_its_temperature_into_the_file(trained, expor
     assert after.temperature == pytest.approx(report.temperature) != before.temperature
     assert after.ood_threshold == pytest.approx(report.rejection["threshold"])
     assert after.meta["temperature_fitted_on"] == "validation" and after.classes == before.classes
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.onnx"]  # rewritten in place, no sidecar
+    # the file rewritten in place; beside it only the feature bank of --ood, named by the digest inside the file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.onnx", "copy.onnx.ood.safetensors"]
+    assert after.meta["ood_bank_sha256"] == file_sha256(tmp_path / "copy.onnx.ood.safetensors")
     images = before.preprocess.normalise(np.zeros((2, 32, 32, 3), dtype=np.uint8))
     assert np.array_equal(before.forward(images), after.forward(images))  # the graph is untouched
     found = list(predict_files(after, sorted((data / "test").rglob("*.jpg")), workers=0, min_confidence="auto"))

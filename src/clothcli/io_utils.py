@@ -9,6 +9,7 @@ writer (the next save, or `--resume`) finishes the swap with `recover_dir`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -34,12 +35,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the mode a plain open() gives, not mkstemp's owner-only 0600
     try:
         yield Path(tmp)
         fault_point()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the mode a plain open() gives, not mkstemp's owner-only 0600
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -102,3 +103,12 @@ def replace_dir(staging: Path, target: Path) -> None:
     os.replace(staging, target)
     if old.exists():
         shutil.rmtree(old)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of the file at `path`, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

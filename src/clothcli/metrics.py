@@ -196,13 +196,11 @@ class Separation:
         return asdict(self)
 
 
-def separation(
-    in_logits: np.ndarray, out_logits: np.ndarray, temperature: float = 1.0, recall: float = 0.95
-) -> list[Separation]:
-    """AUROC, threshold at `recall` and the false-positive rate there, for each score."""
-    inside, outside = ood_scores(in_logits, temperature), ood_scores(out_logits, temperature)
+def separate(inside: dict[str, np.ndarray], outside: dict[str, np.ndarray], recall: float = 0.95) -> list[Separation]:
+    """AUROC, the threshold that keeps `recall` of the in-distribution images and the false-positive rate
+    there, for each score present in both (higher: more in-distribution)."""
     results = []
-    for name in SCORES:
+    for name in (n for n in inside if n in outside):
         threshold = threshold_for_recall(inside[name], recall)
         results.append(
             Separation(
@@ -214,3 +212,10 @@ def separation(
             )
         )
     return results
+
+
+def separation(
+    in_logits: np.ndarray, out_logits: np.ndarray, temperature: float = 1.0, recall: float = 0.95
+) -> list[Separation]:
+    """`separate` for the logit scores."""
+    return separate(ood_scores(in_logits, temperature), ood_scores(out_logits, temperature), recall)

@@ -1,4 +1,4 @@
-"""What a prediction is, whatever backend made it: the labelled row and the rules for "unknown"."""
+"""What a prediction is, whatever backend made it, and how `--min-confidence` is read."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clothcli.errors import UserError
-from clothcli.names import UNKNOWN
 
 
 @dataclass
@@ -17,6 +16,7 @@ class Prediction:
     labels: list[str]
     probs: list[float]
     error: str = ""
+    rejected_by: str = ""  # the score that made the label "unknown" (msp, energy, knn, mahalanobis), or ""
 
     @property
     def label(self) -> str:
@@ -38,29 +38,3 @@ def parse_min_confidence(value: float | str) -> float | str:
     if not 0.0 <= number <= 1.0:
         raise UserError(f"--min-confidence must be between 0 and 1, got {value}")
     return number
-
-
-def resolve_min_confidence(
-    value: float | str, *, stored_threshold: float | None, temperature: float, stored_temperature: float, source: Path
-) -> float:
-    """The probability below which a label is 'unknown': `value`, or for "auto" the rejection threshold
-    that `clothcli calibrate --ood` stored with the model (chosen on calibrated probabilities)."""
-    value = parse_min_confidence(value)
-    if value != "auto":
-        return float(value)
-    if stored_threshold is None:
-        raise UserError(
-            f"{source}: no stored rejection threshold for --min-confidence auto; "
-            "run clothcli calibrate RUN --ood FOLDER first"
-        )
-    if temperature != stored_temperature:
-        raise UserError("--min-confidence auto was chosen on calibrated probabilities: drop --no-calibration")
-    return float(stored_threshold)
-
-
-def label_row(probs: list[float], indices: list[int], classes: list[str], min_confidence: float) -> list[str]:
-    """The top-k labels of one image, the first one 'unknown' when its probability is below `min_confidence`."""
-    labels = [classes[i] for i in indices]
-    if probs[0] < min_confidence:
-        labels[0] = UNKNOWN
-    return labels

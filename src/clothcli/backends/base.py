@@ -58,6 +58,12 @@ class Classifier(ABC):
         return float(self.meta.get("temperature") or 1.0)
 
     @property
+    def bank_path(self) -> Path:
+        """Where `calibrate --ood` keeps the feature bank of this model: beside an exported file as
+        NAME.ood.safetensors (checkpoints put it in their folder)."""
+        return self.source.with_name(self.source.name + ".ood.safetensors")
+
+    @property
     def quantization(self) -> str:
         return str(self.meta.get("quantization") or "")
 

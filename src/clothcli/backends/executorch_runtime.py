@@ -10,7 +10,6 @@ runtime takes and returns torch tensors, so this backend imports torch (the phon
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ import numpy as np
 from clothcli.backends.arrays import FEATURES_OUTPUT, ExportedClassifier, validate_metadata
 from clothcli.errors import UserError
 from clothcli.formats import EXECUTORCH
-from clothcli.io_utils import atomic_write_text
+from clothcli.io_utils import atomic_write_text, file_sha256
 from clothcli.untrusted import read_json
 
 EXECUTORCH_EXTRA = "pip install executorch (a release built for the installed torch; `nox -s executorch`)"
@@ -61,17 +60,9 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def program_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_sidecar(path: Path, meta: dict[str, Any], digest: str | None = None) -> None:
     """The metadata beside the program at `path`, bound to it by its digest, written atomically."""
-    record = {"program_sha256": digest or program_digest(path), "clothcli": meta}
+    record = {"program_sha256": digest or file_sha256(path), "clothcli": meta}
     atomic_write_text(sidecar_path(path), json.dumps(record, indent=1))
 
 
@@ -84,7 +75,7 @@ def read_sidecar(path: Path) -> dict[str, Any]:
     record = read_json(sidecar)
     if not isinstance(record, dict) or not isinstance(record.get("clothcli"), dict):
         raise UserError(f"{sidecar}: not a clothcli metadata file")
-    if record.get("program_sha256") != program_digest(path):
+    if record.get("program_sha256") != file_sha256(path):
         raise UserError(f"{sidecar}: it describes another program than {path.name} (the SHA-256 differs)")
     return validate_metadata(record["clothcli"], path)
 

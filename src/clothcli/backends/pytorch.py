@@ -138,6 +138,10 @@ class TorchClassifier(Classifier):
         with torch.inference_mode():
             return self.model(batch).float().cpu().numpy()
 
+    @property
+    def bank_path(self) -> Path:
+        return self.source / "ood_bank.safetensors"
+
     def store(self, **values: Any) -> None:
         update_meta(self.source, **values)
         self.meta = {**self.meta, **json.loads(json.dumps(values))}

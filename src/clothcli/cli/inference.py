@@ -156,16 +156,20 @@ def calibrate(
     dry_run: Annotated[bool, typer.Option(help="Fit and report, but do not store the temperature.")] = False,
     ood: OodOption = None,
     ood_recall: OodRecallOption = 0.95,
+    bank_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Training images kept in the --ood feature bank.", show_default="all"),
+    ] = None,
     json_path: JsonOption = None,
 ) -> None:
     """Temperature scaling fitted on validation: ECE, NLL and Brier before and after; stores the temperature
-    (and, with --ood, the threshold below which predict --min-confidence auto says 'unknown')."""
+    (and, with --ood, the rejection score and threshold predict --min-confidence auto uses for 'unknown')."""
     from clothcli.engines.calibrate import calibrate as run_calibration
 
     with render.progress_bar("calibrating"):
         report = run_calibration(
             model=model, data=data, batch_size=batch_size, workers=workers, device=device, write=not dry_run,
-            ood=ood, recall=ood_recall,
+            ood=ood, recall=ood_recall, bank_size=bank_size,
         )  # fmt: skip
     render.calibration(report, stored=not dry_run)
     save_json(json_path, report.to_dict())

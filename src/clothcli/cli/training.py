@@ -71,10 +71,20 @@ def train(
         Path | None,
         typer.Option(help="Continue the run in this folder from its last completed epoch.", show_default="new run"),
     ] = None,
+    calibrate_ood: Annotated[
+        Path | None,
+        typer.Option(
+            help="After training, calibrate best/ with this out-of-distribution folder (as calibrate --ood).",
+            show_default="no calibration",
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune a timm model with HF Accelerate (CPU, GPU, mixed precision, accelerate launch)."""
+    from clothcli.data.inputs import images_under
     from clothcli.training import train as run_training
 
+    if calibrate_ood is not None:
+        images_under(calibrate_ood)  # a wrong folder fails now, not after the training
     cfg = None
     if resume is None:
         cfg = _config_from_options(
@@ -103,6 +113,12 @@ def train(
             raise typer.Exit(130) from None
     if result.main_process:
         render.train_summary(result)
+        if calibrate_ood is not None:
+            from clothcli.engines.calibrate import calibrate
+
+            with render.progress_bar("calibrating"):
+                report = calibrate(model=result.run_dir, ood=calibrate_ood)
+            render.calibration(report, stored=True)
 
 
 def tune(

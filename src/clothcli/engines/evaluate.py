@@ -16,6 +16,7 @@ from clothcli.backends import Classifier, load_classifier
 from clothcli.data.inputs import images_under
 from clothcli.data.layout import SplitIndex
 from clothcli.data.sources import run_split, split_samples
+from clothcli.engines.rejection import all_scores, rejector_for, stored_bank
 from clothcli.errors import UserError
 from clothcli.formats import PYTORCH
 from clothcli.metrics import (
@@ -24,7 +25,7 @@ from clothcli.metrics import (
     classification_report,
     probabilities,
     reliability_bins,
-    separation,
+    separate,
 )
 from clothcli.render import plots
 
@@ -44,6 +45,8 @@ class EvalReport(ClassificationReport):
     calibration: dict[str, float] = field(default_factory=dict)
     # with an out-of-distribution folder: per score, auroc, threshold, recall and fpr
     ood: list[dict[str, Any]] = field(default_factory=list)
+    # the stored rejection rule on this split (and the --ood folder): what it keeps and their accuracy
+    rejection: dict[str, Any] | None = None
     # one row per evaluated file: path, true, predicted, confidence
     files: list[dict[str, Any]] = field(default_factory=list)
     unreadable: list[dict[str, str]] = field(default_factory=list)
@@ -122,7 +125,14 @@ def split_of(classifier: Classifier, data: str | Path, split: str) -> SplitIndex
 
 
 def labelled_outputs(
-    classifier: Classifier, data: str | Path, split: str, *, batch_size: int = 64, workers: int = 2, flip: bool = False
+    classifier: Classifier,
+    data: str | Path,
+    split: str,
+    *,
+    batch_size: int = 64,
+    workers: int = 2,
+    flip: bool = False,
+    features: bool = False,
 ) -> LabelledOutputs:
     """`classifier` over the `split` of `data` (`split_of`); classes it does not know are an error."""
     index = split_of(classifier, data, split)
@@ -130,7 +140,7 @@ def labelled_outputs(
     if not index.samples:
         raise UserError(f"{folder}: no images to evaluate")
     files = [path for path, _ in index.samples]
-    outputs = model_outputs(classifier, files, batch_size=batch_size, workers=workers, flip=flip)
+    outputs = model_outputs(classifier, files, batch_size=batch_size, workers=workers, flip=flip, features=features)
     targets = np.array([index.samples[i][1] for i in outputs.rows], dtype=np.int64)
     return LabelledOutputs(folder, index, outputs, targets)
 
@@ -159,7 +169,7 @@ def evaluate(
     when tested a little larger than it was trained ("FixRes" effect). Choose them on validation.
     Probabilities use the model's fitted temperature (`clothcli calibrate`) unless `calibrated` is
     False. With `ood`, a folder of images that belong to none of the classes, the report says how well
-    the scores of `metrics.separation` tell the split's images from those."""
+    each out-of-distribution score (`rejection.all_scores`) tells the split's images from those."""
     classifier = load_classifier(
         model, device=device, calibrated=calibrated, input_size=input_size, crop_pct=crop_pct, in_workers=False,
         precision=precision,
@@ -184,7 +194,10 @@ def evaluate_classifier(
 ) -> EvalReport:
     """`evaluate` of a model already loaded (compare and report load it once for several uses)."""
     temperature, classes = classifier.temperature, classifier.classes
-    found = labelled_outputs(classifier, data, split, batch_size=batch_size, workers=workers, flip=tta_flip)
+    with_bank = bool(classifier.meta.get("ood_bank_sha256")) and getattr(classifier, "has_features", True)
+    bank = stored_bank(classifier) if with_bank else None
+    options = {"batch_size": batch_size, "workers": workers, "features": with_bank}
+    found = labelled_outputs(classifier, data, split, flip=tta_flip, **options)
     out, targets = found.outputs, found.targets
     probs = probabilities(out.logits, temperature)
     if out.flipped_logits is not None:
@@ -193,10 +206,12 @@ def evaluate_classifier(
     log_probs = np.log(np.clip(probs, 1e-12, None))  # softmax of these is `probs`: calibration of what is shown
     if reliability_png is not None and len(targets):
         plots.reliability(reliability_bins(log_probs, targets), reliability_png)
-    separations = []
+    separations, outside = [], None
     if ood is not None:
-        outside = model_outputs(classifier, images_under(ood), batch_size=batch_size, workers=workers)
-        separations = [s.to_dict() for s in separation(out.logits, outside.logits, temperature, ood_recall)]
+        outside = model_outputs(classifier, images_under(ood), **options)
+        inside_scores = all_scores(out.logits, out.features, temperature, bank)
+        outside_scores = all_scores(outside.logits, outside.features, temperature, bank)
+        separations = [s.to_dict() for s in separate(inside_scores, outside_scores, ood_recall)]
     samples = found.index.samples
     return EvalReport(
         **classification_report(preds, targets, classes).to_dict(),
@@ -209,6 +224,7 @@ def evaluate_classifier(
         temperature=temperature,
         calibration=calibration(log_probs, targets).to_dict() if len(targets) else {},
         ood=separations,
+        rejection=_stored_rejection(classifier, out, preds == targets, outside),
         files=[
             {"path": str(samples[i][0]), "true": classes[t], "predicted": classes[p], "confidence": float(c)}
             for i, t, p, c in zip(out.rows, targets.tolist(), preds.tolist(), confidence.tolist())
@@ -216,6 +232,28 @@ def evaluate_classifier(
         unreadable=[{"path": str(samples[i][0]), "reason": r} for i, r in sorted(out.errors.items())],
         skipped=[{"path": str(s.path), "reason": s.reason} for s in found.index.skipped],
     )
+
+
+def _stored_rejection(classifier: Classifier, out: Outputs, right: np.ndarray, outside: Outputs | None) -> dict | None:
+    """What the rejection rule `calibrate --ood` stored does on this split: the share it keeps, their
+    accuracy, and the share of the out-of-distribution images it accepts. None without a usable rule."""
+    if classifier.ood_threshold is None:
+        return None
+    try:
+        rejector = rejector_for(classifier, "auto")
+    except UserError:  # --no-calibration with a logit score: the stored threshold does not apply
+        return None
+    kept = ~rejector.rejected(out.logits, out.features)
+    found = {
+        "method": rejector.method,
+        "k": rejector.bank.k if rejector.method == "knn" else None,
+        "threshold": rejector.threshold,
+        "kept": float(kept.mean()) if len(kept) else 0.0,
+        "accuracy_kept": float(right[kept].mean()) if kept.any() else 0.0,
+    }
+    if outside is not None and len(outside.logits):
+        found["ood_accepted"] = float((~rejector.rejected(outside.logits, outside.features)).mean())
+    return found
 
 
 def errors_rows(report: EvalReport) -> list[dict[str, Any]]:

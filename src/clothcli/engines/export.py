@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 import warnings
@@ -50,8 +51,8 @@ from clothcli.models.loading import WithFeatures
 # ONNX Runtime and PyTorch sum in different orders: fp32 logits of these models differ by ~1e-5.
 DEFAULT_TOLERANCE = 1e-3  # per unit of the largest logit, see Verification.allowed_diff
 META_FIELDS = (
-    "arch", "classes", "preprocess", "temperature", "ood_threshold", "epoch", "metrics", "model_kwargs", "quantization",
-    "schema_version",
+    "arch", "classes", "preprocess", "temperature", "temperature_fitted_on", "ood_threshold", "ood_method",
+    "ood_recall", "ood_bank_sha256", "epoch", "metrics", "model_kwargs", "quantization", "schema_version",
 )  # fmt: skip
 
 
@@ -284,7 +285,20 @@ def export_onnx(
             folder, samples = _labelled_images(loaded, data, verify_split, verify_images)
             source = str(folder)
         report.int8 = _int8(output, meta, loaded, data, samples, source, int8_images)
+    _copy_bank(loaded, [output] + ([Path(report.int8.path)] if report.int8 else []))
     return report
+
+
+def _copy_bank(loaded: Classifier, outputs: list[Path]) -> None:
+    """The checkpoint's out-of-distribution bank (`calibrate --ood`) beside each exported file, under the
+    name its backend looks for, so that --min-confidence auto decides as the checkpoint does. The exported
+    metadata names the bank by its digest, which the copy keeps."""
+    if not loaded.meta.get("ood_bank_sha256") or not loaded.bank_path.is_file():
+        return
+    for output in outputs:
+        exported = load_classifier(output)
+        with atomic_path(exported.bank_path) as staged:
+            shutil.copyfile(loaded.bank_path, staged)
 
 
 def exported_files(output: Path) -> list[Path]:

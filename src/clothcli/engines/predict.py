@@ -1,7 +1,7 @@
 """`predict`: classify the images of files, folders and glob patterns on any backend, streaming the results.
 
 The backend (`backends.load_classifier`) turns files into logits; here they become calibrated
-probabilities, top-k labels and "unknown" below the confidence floor, the same way for every format.
+probabilities, top-k labels and "unknown" where the rejection rule says so, the same way for every format.
 A file that cannot be read is a result with an error, never an abort.
 """
 
@@ -14,25 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from clothcli.backends import Classifier, load_classifier
 from clothcli.data.inputs import collect_inputs
 from clothcli.engines.prediction_writer import ResultWriter, sort_file
+from clothcli.engines.rejection import rejector_for
 from clothcli.errors import UserError
 from clothcli.metrics import probabilities
-from clothcli.names import class_folders
-from clothcli.predictions import UNKNOWN, Prediction, label_row, parse_min_confidence, resolve_min_confidence
-
-
-def rejection_threshold(classifier: Classifier, min_confidence: float | str) -> float:
-    """The top-1 probability below which `classifier`'s label is "unknown" (a number, or "auto")."""
-    return resolve_min_confidence(
-        min_confidence,
-        stored_threshold=classifier.ood_threshold,
-        temperature=classifier.temperature,
-        stored_temperature=classifier.stored_temperature,
-        source=classifier.source,
-    )
+from clothcli.names import UNKNOWN, class_folders
+from clothcli.predictions import Prediction, parse_min_confidence
 
 
 def predict_files(
@@ -44,21 +35,29 @@ def predict_files(
     top_k: int = 1,
     min_confidence: float | str = 0.0,
 ) -> Iterator[Prediction]:
-    """One Prediction per file, in the order of `files`."""
-    threshold = rejection_threshold(classifier, min_confidence)
+    """One Prediction per file, in the order of `files`; "unknown" (and which score said so) where the
+    rejection rule of `min_confidence` (`rejection.rejector_for`) rejects the image."""
+    rejector = rejector_for(classifier, min_confidence)
     top_k = min(top_k, len(classifier.classes))
-    for batch in classifier.run(files, batch_size, workers):
-        probs = probabilities(batch.logits, classifier.temperature)
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
-        row_of = {index: row for row, index in enumerate(batch.rows)}
-        for index in batch.indices:
-            if index in batch.errors:
-                yield Prediction(files[index], [], [], batch.errors[index])
-                continue
-            row = row_of[index]
-            top = order[row].tolist()
-            values = [float(probs[row, i]) for i in top]
-            yield Prediction(files[index], label_row(values, top, classifier.classes, threshold), values)
+    # NumPy's BLAS on one thread: its spinning threads took the cores the decoders and the model run on
+    with threadpool_limits(limits=1, user_api="blas"):
+        for batch in classifier.run(files, batch_size, workers, features=rejector.needs_features):
+            probs = probabilities(batch.logits, classifier.temperature)
+            order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+            rejected = rejector.rejected(batch.logits, batch.features) if len(batch.rows) else []
+            row_of = {index: row for row, index in enumerate(batch.rows)}
+            for index in batch.indices:
+                if index in batch.errors:
+                    yield Prediction(files[index], [], [], batch.errors[index])
+                    continue
+                row = row_of[index]
+                top = order[row].tolist()
+                values = [float(probs[row, i]) for i in top]
+                labels = [classifier.classes[i] for i in top]
+                if rejected[row]:
+                    yield Prediction(files[index], [UNKNOWN, *labels[1:]], values, rejected_by=rejector.method)
+                else:
+                    yield Prediction(files[index], labels, values)
 
 
 @dataclass
@@ -109,7 +108,7 @@ def run_predict(
     if not found.files:
         raise UserError("no image files found in: " + ", ".join(inputs))
     classifier = load_classifier(model, device=device, calibrated=calibrated, precision=precision)
-    rejection_threshold(classifier, min_confidence)  # an impossible "auto" fails before any file is written
+    rejector_for(classifier, min_confidence)  # an impossible "auto" fails before any file is written
     # one safe, distinct folder per label (a label may hold a slash), "unknown" among them
     folders = class_folders([*classifier.classes, UNKNOWN]) if copy_to or move_to else {}
     summary = PredictSummary()

@@ -12,6 +12,9 @@ from clothcli.io_utils import fault_point
 from clothcli.predictions import Prediction
 from clothcli.safe_files import place_file
 
+# columns added after the first release of the format: a file without them is still resumed
+LATER_COLUMNS = ("rejected_by",)
+
 
 class ResultWriter:
     """Streams predictions to CSV, JSON or JSONL (by extension) as they arrive."""
@@ -25,7 +28,7 @@ class ResultWriter:
         self.header = ["path", "label", "confidence"]
         for k in range(2, top_k + 1):
             self.header += [f"label_{k}", f"confidence_{k}"]
-        self.header.append("error")
+        self.header += ["error", "rejected_by"]
         # paths already written by an interrupted run of the same command
         self.done: set[str] = set()
         appending = resume and path.is_file() and path.stat().st_size > 0
@@ -57,6 +60,8 @@ class ResultWriter:
             except (ValueError, KeyError, TypeError):
                 raise UserError(f"{self.path}: not a clothcli JSONL file, cannot --resume into it") from None
         rows = list(csv.reader(lines))
+        if rows and rows[0] == self.header[: -len(LATER_COLUMNS)]:
+            self.header = rows[0]  # written before those columns existed: continued with the columns it has
         if not rows or rows[0] != self.header:
             raise UserError(
                 f"{self.path}: its columns differ from this command's (another --top-k?); cannot --resume into it"
@@ -68,13 +73,14 @@ class ResultWriter:
             row: list[Any] = [str(p.path)]
             for k in range(self.top_k):
                 row += [p.labels[k], f"{p.probs[k]:.6f}"] if k < len(p.labels) else ["", ""]
-            self.csv.writerow([*row, p.error])
+            self.csv.writerow([*row, p.error, p.rejected_by][: len(self.header)])
         else:
             record = {
                 "path": str(p.path),
                 "label": p.label or None,
                 "top_k": [{"label": lab, "probability": round(pr, 6)} for lab, pr in zip(p.labels, p.probs)],
                 "error": p.error or None,
+                "rejected_by": p.rejected_by or None,
             }
             text = json.dumps(record, ensure_ascii=False)
             if self.kind == "json":

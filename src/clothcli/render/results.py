@@ -26,15 +26,16 @@ def evaluation(report, normalise: bool = False) -> None:
             highlight=False,
         )
     if report.ood:
-        ood = Table(title="Out-of-distribution images told apart (higher score: more like the classes)")
-        for col in ("score", "AUROC", "threshold", "split images kept", "other images accepted (FPR)"):
-            ood.add_column(col, justify="left" if col == "score" else "right")
-        for row in report.ood:
-            name = {"msp": "max softmax probability", "energy": "energy"}[row["score"]]
-            ood.add_row(
-                name, f"{row['auroc']:.4f}", f"{row['threshold']:.4f}", f"{row['recall']:.1%}", f"{row['fpr']:.1%}"
-            )
-        console.print(ood)
+        rejection_scores(report.ood, f"{report.split} against the out-of-distribution folder, at its own threshold")
+    stored = report.rejection
+    if stored:
+        method = stored["method"] + (f" (k={stored['k']})" if stored.get("k") else "")
+        outside = f"; accepts {stored['ood_accepted']:.1%} of the out-of-distribution folder" if "ood_accepted" in \
+            stored else ""  # fmt: skip
+        note(
+            f"stored rejection ({method} below {stored['threshold']:.4g}): keeps {stored['kept']:.1%} of {report.split}"
+            f"{outside}; accuracy {stored['accuracy_kept']:.2%} on the kept images, {report.accuracy:.2%} on all"
+        )
     averages = Table(title="Averages")
     for col in ("average", "precision", "recall", "F1"):
         averages.add_column(col, justify="right" if col != "average" else "left")
@@ -137,14 +138,27 @@ def calibration(report, stored: bool) -> None:
     note(f"temperature {report.temperature:.4f}, fitted on {fitted}: {where}")
     rejection = report.rejection
     if rejection:
+        rejection_scores(rejection["separation"], f"{fitted} against the out-of-distribution folder", chosen=rejection)
         kept = ", ".join(f"{name} {share:.1%}" for name, share in rejection["kept"].items() if name != "ood")
-        aurocs = ", ".join(f"{r['score']} {r['auroc']:.4f}" for r in rejection["separation"])
+        method = rejection["method"] + (f" (k={rejection['k']})" if rejection.get("k") else "")
         note(
-            f"rejection threshold {rejection['threshold']:.4f} (calibrated top-1 probability, keeps "
-            f"{rejection['recall']:.0%} of {fitted}): keeps {kept}; accepts {rejection['kept']['ood']:.1%} of the "
-            f"{rejection['ood_images']} out-of-distribution images. AUROC on {fitted}: {aurocs}. "
-            + ("predict --min-confidence auto uses it." if stored else "")
+            f"rejection: {method} below {rejection['threshold']:.4f} (keeps {rejection['recall']:.0%} of {fitted}) "
+            f"keeps {kept}; accepts {rejection['kept']['ood']:.1%} of the {rejection['ood_images']} "
+            "out-of-distribution images. " + ("predict --min-confidence auto uses it." if stored else "")
         )
+
+
+def rejection_scores(found: list[dict], title: str, chosen: dict | None = None) -> None:
+    """One row per out-of-distribution score: AUROC, its threshold at the recall, the false-positive rate."""
+    table = Table(title=f"Out-of-distribution scores: {title}")
+    for col in ("score", "AUROC", "threshold", "recall", "OOD accepted"):
+        table.add_column(col, justify="left" if col == "score" else "right")
+    picked = None if chosen is None else chosen["method"] + (f"@{chosen['k']}" if chosen.get("k") else "")
+    for r in found:
+        mark = " (chosen)" if r["score"] == picked else ""
+        table.add_row(r["score"] + mark, f"{r['auroc']:.4f}", f"{r['threshold']:.4g}", f"{r['recall']:.1%}",
+                      f"{r['fpr']:.1%}")  # fmt: skip
+    console.print(table)
 
 
 def export_report(report) -> None:
