@@ -78,13 +78,16 @@ def main() -> None:
                 for _ in range(args.rounds):
                     for mode in ("plain", "auto"):
                         timings[mode].append(predict_seconds(model, args.data, mode == "auto"))
-    print("| bank | MB | chosen | accepted (choose) | test recall | accepted (test folder) | accuracy kept / all |")
-    print("|---|---|---|---|---|---|---|")
+    print("| bank | MB | chosen | accepted (choose) | test recall | accepted (test folder) | accuracy kept / all "
+          "| test AUROC knn (stored k) / mahalanobis |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         method = r["chosen"] + (f" k={r['k']}" if r["k"] else "")
+        auroc = {s["score"]: s["auroc"] for s in r["scores"]}
         print(
             f"| {r['bank_size']} | {r['bank_mb']:.1f} | {method} | {r['choose_accepted']:.1%} | {r['test_recall']:.1%} "
-            f"| {r['test_accepted']:.1%} | {r['accuracy_kept']:.2%} / {r['accuracy_all']:.2%} |"
+            f"| {r['test_accepted']:.1%} | {r['accuracy_kept']:.2%} / {r['accuracy_all']:.2%} "
+            f"| {auroc['knn']:.4f} / {auroc['mahalanobis']:.4f} |"
         )
     print("\ntest split against the test folder, each score at its own 95%-recall threshold (full bank):")
     print("| score | AUROC | accepted at 95% recall |")

@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 from clothcli.backends import Classifier, load_classifier
 from clothcli.data.inputs import collect_inputs
 from clothcli.engines.prediction_writer import ResultWriter, sort_file
-from clothcli.engines.rejection import rejector_for
+from clothcli.engines.rejection import Rejector, rejector_for
 from clothcli.errors import UserError
 from clothcli.metrics import probabilities
 from clothcli.names import UNKNOWN, class_folders
@@ -33,11 +33,11 @@ def predict_files(
     batch_size: int = 64,
     workers: int = 2,
     top_k: int = 1,
-    min_confidence: float | str = 0.0,
+    min_confidence: float | str | Rejector = 0.0,
 ) -> Iterator[Prediction]:
     """One Prediction per file, in the order of `files`; "unknown" (and which score said so) where the
-    rejection rule of `min_confidence` (`rejection.rejector_for`) rejects the image."""
-    rejector = rejector_for(classifier, min_confidence)
+    rejection rule of `min_confidence` (`rejection.rejector_for`, or a Rejector already made) rejects it."""
+    rejector = min_confidence if isinstance(min_confidence, Rejector) else rejector_for(classifier, min_confidence)
     top_k = min(top_k, len(classifier.classes))
     # NumPy's BLAS on one thread: its spinning threads took the cores the decoders and the model run on
     with threadpool_limits(limits=1, user_api="blas"):
@@ -108,7 +108,7 @@ def run_predict(
     if not found.files:
         raise UserError("no image files found in: " + ", ".join(inputs))
     classifier = load_classifier(model, device=device, calibrated=calibrated, precision=precision)
-    rejector_for(classifier, min_confidence)  # an impossible "auto" fails before any file is written
+    rejector = rejector_for(classifier, min_confidence)  # an impossible "auto" fails before any file is written
     # one safe, distinct folder per label (a label may hold a slash), "unknown" among them
     folders = class_folders([*classifier.classes, UNKNOWN]) if copy_to or move_to else {}
     summary = PredictSummary()
@@ -119,9 +119,7 @@ def run_predict(
         files = [f for f in files if str(f) not in writer.done]
         summary.already_done = len(found.files) - len(files)
     predictions = (
-        predict_files(
-            classifier, files, batch_size=batch_size, workers=workers, top_k=top_k, min_confidence=min_confidence
-        )
+        predict_files(classifier, files, batch_size=batch_size, workers=workers, top_k=top_k, min_confidence=rejector)
         if files
         else ()
     )
