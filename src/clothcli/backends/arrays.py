@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from clothcli.backends.base import Classifier, OutputBatch
 from clothcli.data.images import ImageReadError
@@ -62,6 +63,9 @@ class ExportedClassifier(Classifier):
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         return self.infer(images)[0]
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        return self.preprocess.normalise(self.preprocess.crop(image)[None])[0]
 
     def run(
         self, files: list[Path], batch_size: int = 64, workers: int = 2, flip: bool = False, features: bool = False

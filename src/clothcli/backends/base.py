@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from clothcli.data.preprocess import Preprocess
 
@@ -86,6 +87,15 @@ class Classifier(ABC):
     @abstractmethod
     def forward(self, images: np.ndarray) -> np.ndarray:
         """Logits of an already preprocessed float32 NCHW batch (verification and latency)."""
+
+    @abstractmethod
+    def infer(self, images: np.ndarray, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits of an already preprocessed float32 NCHW batch, and its penultimate features when asked."""
+
+    @abstractmethod
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """A decoded RGB image as the float32 CHW array `run` would feed the model for it: what a caller
+        that holds images rather than files (the server) batches and passes to `infer`."""
 
     @abstractmethod
     def store(self, **values: Any) -> None:

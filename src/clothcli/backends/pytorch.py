@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from clothcli.backends.base import Classifier, OutputBatch
@@ -89,6 +90,7 @@ class TorchClassifier(Classifier):
         self.in_workers, self.uint8_transfer = in_workers, uint8_transfer
         precision = resolve_precision("auto", self.device.type)
         self.autocast = AUTOCAST_TYPES.get(precision)
+        self._transform: Any = None  # the eval transform `prepare` applies, made on first use
 
     @property
     def threads(self) -> int:
@@ -137,6 +139,16 @@ class TorchClassifier(Classifier):
         batch = torch.from_numpy(images).to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             return self.model(batch).float().cpu().numpy()
+
+    def infer(self, images: np.ndarray, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        batch = torch.from_numpy(images).to(self.device)
+        logits, found, _ = ModelPass(self.model, self.autocast, False, features)(batch)
+        return logits, found
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        if self._transform is None:
+            self._transform = eval_transform(self.preprocess)
+        return self._transform(image).numpy()
 
     @property
     def bank_path(self) -> Path:

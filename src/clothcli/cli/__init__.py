@@ -2,7 +2,7 @@
 calls one engine function with keyword arguments and renders what it returns. The commands are
 registered here, in the order of the workflow, which is the order `clothcli --help` lists them in."""
 
-from clothcli.cli import comparison, data, inference, models, training
+from clothcli.cli import comparison, data, inference, models, serving, training
 from clothcli.cli.application import app, handle_errors
 
 COMMANDS = {
@@ -16,6 +16,7 @@ COMMANDS = {
     "report": comparison.report,
     "export": models.export,
     "benchmark": models.benchmark,
+    "serve": serving.serve,
     "flops": models.flops,
     "rf": models.rf,
 }

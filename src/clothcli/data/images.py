@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import stat
 import warnings
 from dataclasses import dataclass
@@ -37,16 +38,23 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _open(path: Path) -> Image.Image:
-    info = path.stat()
-    if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block the read forever
-        raise ImageReadError("not a regular file")
-    if info.st_size == 0:
-        raise ImageReadError("empty file (0 bytes)")
+def _open(source: Path | bytes) -> Image.Image:
+    """The image header opened (pixels not decoded yet): a file, or the bytes of one (an upload)."""
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageReadError("empty file (0 bytes)")
+        target: Path | io.BytesIO = io.BytesIO(source)
+    else:
+        info = source.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block the read forever
+            raise ImageReadError("not a regular file")
+        if info.st_size == 0:
+            raise ImageReadError("empty file (0 bytes)")
+        target = source
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            return Image.open(path)
+            return Image.open(target)
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageReadError(_describe(exc)) from exc
 
@@ -60,17 +68,16 @@ def read_info(path: str | Path) -> ImageInfo:
         raise ImageReadError("file not found") from exc
 
 
-def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
-    """Decode to an upright RGB image.
+def load_rgb(path: str | Path | bytes, min_size: int | None = None) -> Image.Image:
+    """Decode a file (or the bytes of one) to an upright RGB image.
 
     EXIF orientation is applied, the first frame of animations is used, palette/alpha/16-bit/
     CMYK/grayscale are converted to RGB (transparent areas on white). With `min_size`, JPEGs far
     larger than needed are decoded at a reduced scale (`Image.draft`), keeping the short side at
     least `min_size`.
     """
-    path = Path(path)
     try:
-        img = _open(path)
+        img = _open(path if isinstance(path, bytes) else Path(path))
     except FileNotFoundError as exc:
         raise ImageReadError("file not found") from exc
     try:
