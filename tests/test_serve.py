@@ -1,10 +1,12 @@
 """`clothcli serve`: the API answers as `predict` does, refuses bad input and overload with JSON errors
 and keeps serving, batches concurrent requests, and stops cleanly on SIGTERM."""
 
+import contextlib
 import csv
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -129,19 +131,31 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_a_real_server_batches_concurrent_requests_and_stops_on_sigterm(served):
-    run, data = served
+@contextlib.contextmanager
+def running_server(model, *options):
+    """`clothcli serve` in a process of its own on a free port, ready; its base URL. SIGTERM at the end,
+    which must end it with exit code 0."""
     port = _free_port()
-    command = [sys.executable, "-m", "clothcli", "serve", str(run), "--port", str(port), "--batch-wait-ms", "100"]
+    command = [sys.executable, "-m", "clothcli", "serve", str(model), "--port", str(port), *options]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
+        for _ in range(600):
             try:
                 if json.loads(urllib.request.urlopen(base + "/health", timeout=1).read())["status"] == "ready":
                     break
             except OSError:
                 time.sleep(0.1)
+        yield base
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+    assert code == 0, server.stderr.read()[-2000:]
+
+
+def test_a_real_server_batches_concurrent_requests_and_stops_on_sigterm(served):
+    run, data = served
+    with running_server(run, "--batch-wait-ms", "100") as base:
         body = sorted((data / "test").rglob("*.jpg"))[0].read_bytes()
         statuses = []
 
@@ -157,10 +171,95 @@ def test_a_real_server_batches_concurrent_requests_and_stops_on_sigterm(served):
         assert statuses == [200] * 8
         sizes = json.loads(urllib.request.urlopen(base + "/stats", timeout=5).read())["batch_sizes"]
         assert max(int(size) for size in sizes) > 1  # requests that arrived together shared a model call
-    finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=60)
-    assert code == 0, server.stderr.read()[-2000:]
+
+
+class DevTools:
+    """Headless Chromium driven over its DevTools protocol (one page, one websocket)."""
+
+    def __init__(self, profile):
+        from websockets.sync.client import connect
+
+        port = _free_port()
+        self.browser = subprocess.Popen(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
+             f"--user-data-dir={profile}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        pages = []
+        for _ in range(300):
+            try:
+                listed = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=1).read())
+                pages = [t for t in listed if t["type"] == "page"]
+                if pages:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.socket = connect(pages[0]["webSocketDebuggerUrl"], max_size=None)
+        self.next_id = 0
+
+    def call(self, method, **params):
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv(timeout=60))
+            if message.get("id") == self.next_id:
+                assert "error" not in message, message
+                return message.get("result", {})
+
+    def evaluate(self, expression):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression, seconds=60):
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {expression}")
+
+    def close(self):
+        self.socket.close()
+        self.browser.terminate()
+        self.browser.wait(timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_the_page_classifies_a_picked_photo_in_chromium(served, tmp_path):
+    """A real headless Chromium opens the page, a photo is picked in its file input, and the answer the
+    page shows is the API's."""
+    pytest.importorskip("websockets", reason="websockets (the test extra) drives Chromium")
+    run, data = served
+    photo = sorted((data / "test").rglob("*.jpg"))[0]
+    with running_server(run, "--top-k", "3") as base:
+        expected = json.loads(
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    base + "/predict", data=photo.read_bytes(), headers={"Content-Type": "image/jpeg"}
+                ),
+                timeout=30,
+            ).read()
+        )
+        browser = DevTools(tmp_path / "profile")
+        try:
+            browser.call("Page.enable")
+            browser.call("Page.navigate", url=base + "/")
+            browser.wait_for("document.readyState === 'complete' && document.getElementById('files') !== null")
+            browser.wait_for("document.getElementById('model').textContent.includes('classes')")
+            document = browser.call("DOM.getDocument")
+            node = browser.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#files")
+            browser.call("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(photo)])
+            status = browser.wait_for(
+                "document.querySelector('.card') && document.querySelector('.card').dataset.status"
+            )
+            assert status == "done"
+            label = browser.evaluate("document.querySelector('.card').dataset.label")
+            bars = browser.evaluate("[...document.querySelectorAll('.card .bar .name')].map(e => e.textContent)")
+        finally:
+            browser.close()
+    found = expected["results"][0]
+    assert label == found["label"] and bars == [entry["label"] for entry in found["top_k"]]
 
 
 def test_serve_bad_options_are_one_line(served, tmp_path):
