@@ -272,3 +272,18 @@ def test_serve_bad_options_are_one_line(served, tmp_path):
     for expected, args in cases.items():
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
+
+
+def test_the_load_benchmark_runs_and_every_answer_is_checked(served, tmp_path):
+    """benchmarks/serve_load.py in a few seconds: its table, no 5xx, no wrong answers, bad files all 4xx."""
+    run, data = served
+    out = tmp_path / "load.json"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "serve_load.py")
+    command = [sys.executable, script, str(run), "--data", str(data / "test"), "--clients", "4", "--seconds", "2",
+               "--bad-share", "0.2", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "images/s" in done.stdout and "predict command" in done.stdout
+    for row in json.loads(out.read_text())["rows"].values():
+        assert row["mismatches"] == 0 and row["images_per_s"] > 0 and row["exit_code"] == 0
+        assert not any(status.startswith("5") for status in row["statuses"]) and row["bad"]["other"] == 0

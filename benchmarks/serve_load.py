@@ -1,0 +1,184 @@
+"""`clothcli serve` under load, side by side in one run: the batching server, the same server calling the
+model one image at a time (`--max-batch 1`), and the `predict` command over the same files (the ceiling
+on this machine). Loopback only, bounded in requests and seconds.
+
+    python benchmarks/serve_load.py model.onnx --data ../shared/datasets/clothing-dataset-small/validation \\
+        [--clients 32] [--seconds 60] [--bad-share 0.1] [--json F]
+
+Each client posts one dataset image per request (the raw bytes as the body) and waits for the answer;
+with `--bad-share`, that share of requests posts a broken file (a truncated JPEG or a text file) and
+must get a 4xx. Every good answer is checked against `clothcli predict`'s row for the same file (same
+labels, probabilities within 1e-4). The load generator runs in this process, on the same 2 cores: its
+CPU time is reported beside the server's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import random
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """Resident and peak resident memory of a process, in MiB (from /proc)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / 100.0  # utime + stime, in clock ticks of 1/100 s
+
+
+def expected_answers(model: Path, files: list[Path], scratch: Path) -> tuple[dict[str, dict], float]:
+    """predict's row per file, and the images/s of the whole predict command over the files."""
+    out = scratch / "predict.csv"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "clothcli", "predict", str(model), *map(str, files), "--top-k", "3",
+                    "-o", str(out)], check=True, capture_output=True)  # fmt: skip
+    seconds = time.perf_counter() - start
+    with open(out, newline="") as handle:
+        return {row["path"]: row for row in csv.DictReader(handle)}, len(files) / seconds
+
+
+def agrees(answer: dict, row: dict) -> bool:
+    for k, entry in enumerate(answer["top_k"], start=1):
+        suffix = "" if k == 1 else f"_{k}"
+        if (
+            entry["label"] != row[f"label{suffix}"]
+            or abs(entry["probability"] - float(row[f"confidence{suffix}"])) > 1e-4
+        ):
+            return False
+    return answer["label"] == row["label"]
+
+
+async def load(base: str, files: list[Path], bodies: dict[Path, bytes], bad: list[bytes], clients: int,
+               seconds: float, bad_share: float, expected: dict[str, dict]) -> dict:  # fmt: skip
+    latencies, statuses, mismatches = [], {}, 0
+    bad_answers = {"4xx": 0, "other": 0}
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(seed: int, http: httpx.AsyncClient) -> None:
+        nonlocal mismatches
+        rng = random.Random(seed)
+        while time.perf_counter() < deadline:
+            broken = rng.random() < bad_share
+            path = rng.choice(files)
+            body = rng.choice(bad) if broken else bodies[path]
+            start = time.perf_counter()
+            response = await http.post(base + "/predict", content=body, headers={"content-type": "image/jpeg"})
+            elapsed = time.perf_counter() - start
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            if broken:
+                bad_answers["4xx" if 400 <= response.status_code < 500 else "other"] += 1
+                continue
+            latencies.append(elapsed)
+            if response.status_code == 200 and not agrees(response.json()["results"][0], expected[str(path)]):
+                mismatches += 1
+
+    async with httpx.AsyncClient(limits=limits, timeout=60) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        wall = time.perf_counter() - start
+    good = np.asarray(latencies) * 1000.0
+    served = sum(v for k, v in statuses.items() if k == 200)
+    return {"wall_s": wall, "requests": sum(statuses.values()), "images_per_s": served / wall,
+            "p50_ms": float(np.percentile(good, 50)), "p99_ms": float(np.percentile(good, 99)),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())}, "mismatches": mismatches,
+            "bad": bad_answers}  # fmt: skip
+
+
+def run_server(model: Path, files: list[Path], bodies: dict, bad: list[bytes], args: argparse.Namespace,
+               expected: dict, *options: str) -> dict:  # fmt: skip
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "clothcli", "serve", str(model), "--port", str(port), *options],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        start_rss = rss_mb(server.pid)
+        server_cpu = cpu_seconds(server.pid)
+        own_cpu = resource.getrusage(resource.RUSAGE_SELF)
+        found = asyncio.run(load(base, files, bodies, bad, args.clients, args.seconds, args.bad_share, expected))
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        found["server_cpu_s"] = cpu_seconds(server.pid) - server_cpu
+        found["client_cpu_s"] = (used.ru_utime + used.ru_stime) - (own_cpu.ru_utime + own_cpu.ru_stime)
+        found["rss_mb_start"], found["peak_rss_mb_start"] = start_rss
+        found["rss_mb_end"], found["peak_rss_mb_end"] = rss_mb(server.pid)
+        found["batches"] = httpx.get(base + "/stats", timeout=10).json()["batch_sizes"]
+    finally:
+        server.terminate()
+        found_code = server.wait(timeout=60)
+    found["exit_code"] = found_code
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--data", type=Path, required=True, help="a folder of images (searched recursively)")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--bad-share", type=float, default=0.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    files = sorted(p for p in args.data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    bodies = {p: p.read_bytes() for p in files}
+    sample = bodies[files[0]]
+    bad = [sample[: len(sample) // 3], b"this is a text file, not an image\n" * 20]
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as scratch:
+        expected, predict_rate = expected_answers(args.model, files, Path(scratch))
+    rows = {
+        "batched (--max-batch 32)": run_server(args.model, files, bodies, bad, args, expected, "--max-batch", "32"),
+        "one image per model call (--max-batch 1)": run_server(
+            args.model, files, bodies, bad, args, expected, "--max-batch", "1"
+        ),
+    }
+    print(f"{args.clients} clients for {args.seconds:g} s, {len(files)} images, bad share {args.bad_share:.0%}")
+    print("| server | images/s | p50 ms | p99 ms | statuses | wrong answers | server CPU s | client CPU s "
+          "| RSS MiB start / end (peak) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['images_per_s']:.0f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['statuses']} | "
+              f"{r['mismatches']} | {r['server_cpu_s']:.0f} | {r['client_cpu_s']:.0f} | {r['rss_mb_start']:.0f} / "
+              f"{r['rss_mb_end']:.0f} ({r['peak_rss_mb_end']:.0f}) |")  # fmt: skip
+    print(f"| predict command over the same files (start-up included) | {predict_rate:.0f} | | | | | | | |")
+    batched = rows["batched (--max-batch 32)"]
+    print(
+        f"batched server: {batched['images_per_s'] / predict_rate:.0%} of predict's images/s; "
+        f"batch sizes {batched['batches']}; bad files answered 4xx: {batched['bad']}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "predict_images_per_s": predict_rate, "args": vars(args)},
+                                        indent=1, default=str))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
