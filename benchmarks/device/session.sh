@@ -41,6 +41,13 @@ python3 benchmarks/train_throughput.py --data $DATA --weights "$WEIGHTS" --size 
 # (uint8 batches normalised on the device), latency timed there too.
 python3 -m clothcli compare /tmp/runs/gpu-40 /tmp/runs/gpu-40/swa --data $DATA --split test --device cuda \
     --no-cache -o "$RES/compare_gpu.json" 2>&1 | tail -8
+# The server on the GPU under 32 clients (only where the machine has FastAPI, uvicorn and httpx).
+if python3 -c "import fastapi, uvicorn, httpx, multipart" 2>/dev/null; then
+    python3 benchmarks/serve_load.py /tmp/runs/gpu-40 --data $DATA/validation --seconds 20 \
+        --json "$RES/serve_load.json" 2>&1 | tail -8
+else
+    echo "serve load skipped: no fastapi/uvicorn/httpx here" | tee "$RES/serve_load.txt"
+fi
 # torch.compile (inductor) last, so the figures above survive a cut: the first step's time (compilation
 # included) is printed apart, and the later epochs show the compiled speed.
 python3 -m clothcli train conf/mobilenet.yaml --data $DATA --weights "$WEIGHTS" --name gpu-compile --epochs 5 \
