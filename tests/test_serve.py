@@ -163,6 +163,10 @@ def test_a_real_server_batches_concurrent_requests_and_stops_on_sigterm(served):
             request = urllib.request.Request(base + "/predict", data=body, headers={"Content-Type": "image/jpeg"})
             statuses.append(urllib.request.urlopen(request, timeout=30).status)
 
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as dropped:  # a client gone mid-upload
+            dropped.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                            b"Content-Length: 100000\r\n\r\n" + body[:100])  # fmt: skip
         threads = [threading.Thread(target=post) for _ in range(8)]
         for thread in threads:
             thread.start()
