@@ -74,3 +74,18 @@ def _no_hub_probe(monkeypatch):
 def _private_cache(tmp_path_factory, monkeypatch):
     """Decode caches go to a per-session temp folder, never the user's ~/.cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
+def train_tiny(root: Path, data: Path, epochs: int = 4) -> Path:
+    """A tiny run on `data` (TINY_OVERRIDES, learning rate 0.05) in root/runs; its run folder."""
+    from clothcli.config import load_config
+    from clothcli.training import train
+
+    overrides = [
+        *TINY_OVERRIDES,
+        f"train.epochs={epochs}",
+        "optim.lr=0.05",
+        f"data.root={data}",
+        f"output_dir={root / 'runs'}",
+    ]
+    return train(load_config(None, overrides)).run_dir

@@ -13,11 +13,9 @@ from typer.testing import CliRunner
 
 from clothcli.backends import load_classifier
 from clothcli.cli import app
-from clothcli.config import load_config
 from clothcli.engines.evaluate import evaluate
 from clothcli.engines.predict import predict_files
-from clothcli.training import train
-from conftest import TINY_OVERRIDES, make_dataset
+from conftest import make_dataset, train_tiny
 
 pytest.importorskip("executorch.runtime", reason="ExecuTorch is not installed (nox -s executorch runs these)")
 
@@ -31,10 +29,7 @@ runner = CliRunner()
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("executorch")
     data = make_dataset(root / "data", {"train": 8, "validation": 3, "test": 3})
-    cfg = load_config(
-        None, [*TINY_OVERRIDES, "train.epochs=4", "optim.lr=0.05", f"data.root={data}", f"output_dir={root / 'runs'}"]
-    )
-    run = train(cfg).run_dir
+    run = train_tiny(root, data, epochs=4)
     pte = root / "pte" / "tiny.pte"
     pte.parent.mkdir()
     report = export_onnx(checkpoint=run, output=pte, verify_data=data)

@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from clothcli.backends import load_classifier
 from clothcli.cli import app
-from clothcli.config import load_config
 from clothcli.engines.calibrate import calibrate
 from clothcli.engines.evaluate import model_outputs
 from clothcli.engines.predict import run_predict
@@ -21,8 +20,7 @@ from clothcli.engines.rejection import rejector_for
 from clothcli.errors import UserError
 from clothcli.feature_scores import fit_bank, load_bank
 from clothcli.metrics import auroc, ood_scores
-from clothcli.training import train
-from conftest import TINY_OVERRIDES, make_dataset, make_image
+from conftest import TINY_OVERRIDES, make_dataset, make_image, train_tiny
 
 runner = CliRunner()
 
@@ -82,10 +80,7 @@ def calibrated(tmp_path_factory):
     """A tiny run calibrated with an out-of-distribution folder of pictures unlike its classes."""
     root = tmp_path_factory.mktemp("ood")
     data = make_dataset(root / "data", {"train": 10, "validation": 6, "test": 6})
-    cfg = load_config(
-        None, [*TINY_OVERRIDES, "train.epochs=4", "optim.lr=0.05", f"data.root={data}", f"output_dir={root / 'runs'}"]
-    )
-    run = train(cfg).run_dir
+    run = train_tiny(root, data, epochs=4)
     ood = root / "ood"
     for i in range(8):  # yellow, magenta, cyan, grey: none of red, green, blue
         colour = [(220, 220, 40), (220, 40, 220), (40, 220, 220), (128, 128, 128)][i % 4]

@@ -12,11 +12,9 @@ from typer.testing import CliRunner
 
 from clothcli.backends import load_classifier
 from clothcli.cli import app
-from clothcli.config import load_config
 from clothcli.engines.evaluate import evaluate
 from clothcli.engines.predict import predict_files
-from clothcli.training import train
-from conftest import TINY_OVERRIDES, make_dataset
+from conftest import make_dataset, train_tiny
 
 pytest.importorskip("onnxruntime", reason="the export extra is not installed")
 pytest.importorskip("openvino", reason="the openvino extra (pip install 'clothcli[openvino]') is not installed")
@@ -31,10 +29,7 @@ runner = CliRunner()
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("openvino")
     data = make_dataset(root / "data", {"train": 8, "validation": 3, "test": 3})
-    cfg = load_config(
-        None, [*TINY_OVERRIDES, "train.epochs=4", "optim.lr=0.05", f"data.root={data}", f"output_dir={root / 'runs'}"]
-    )
-    run = train(cfg).run_dir
+    run = train_tiny(root, data, epochs=4)
     xml, onnx = root / "ir" / "tiny.xml", root / "tiny.onnx"
     xml.parent.mkdir()
     report = export_onnx(checkpoint=run, output=xml, verify_data=data)

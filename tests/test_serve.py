@@ -20,10 +20,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clothcli.cli import app
-from clothcli.config import load_config
 from clothcli.engines.predict import run_predict
-from clothcli.training import train
-from conftest import TINY_OVERRIDES, make_dataset
+from conftest import make_dataset, train_tiny
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 from fastapi.testclient import TestClient
@@ -37,10 +35,7 @@ runner = CliRunner()
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     data = make_dataset(root / "data", {"train": 8, "validation": 3, "test": 3})
-    cfg = load_config(
-        None, [*TINY_OVERRIDES, "train.epochs=3", "optim.lr=0.05", f"data.root={data}", f"output_dir={root / 'runs'}"]
-    )
-    return train(cfg).run_dir, data
+    return train_tiny(root, data, epochs=3), data
 
 
 def _predicted(model, files, tmp_path):
