@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -171,13 +172,27 @@ def run_server(model: Path, files: list[Path], bodies: dict, bad: list[bytes], a
         start_rss = rss_mb(server.pid)
         server_cpu = cpu_seconds(server.pid)
         own_cpu = resource.getrusage(resource.RUSAGE_SELF)
+        samples: list[float] = []
+        sampling = threading.Event()
+
+        def sample_rss() -> None:  # every 5 s while the load runs: is memory flat under load?
+            while not sampling.wait(5.0):
+                samples.append(rss_mb(server.pid)[0])
+
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        sampler.start()
         found = asyncio.run(load(base, files, bodies, bad, args.clients, args.seconds, args.bad_share, expected))
+        sampling.set()
+        sampler.join()
+        found["rss_mb_during"] = samples
         used = resource.getrusage(resource.RUSAGE_SELF)
         found["server_cpu_s"] = cpu_seconds(server.pid) - server_cpu
         found["client_cpu_s"] = (used.ru_utime + used.ru_stime) - (own_cpu.ru_utime + own_cpu.ru_stime)
         found["rss_mb_start"], found["peak_rss_mb_start"] = start_rss
         found["rss_mb_end"], found["peak_rss_mb_end"] = rss_mb(server.pid)
-        found["batches"] = httpx.get(base + "/stats", timeout=10).json()["batch_sizes"]
+        stats = httpx.get(base + "/stats", timeout=10).json()
+        found["batches"] = stats["batch_sizes"]
+        found["ms_per_image"] = {stage: 1000.0 * t / max(stats["images"], 1) for stage, t in stats["seconds"].items()}
     finally:
         server.terminate()
         found_code = server.wait(timeout=60)
@@ -218,6 +233,10 @@ def main() -> None:
               f"{r['mismatches']} | {r['server_cpu_s']:.0f} | {r['client_cpu_s']:.0f} | {r['rss_mb_start']:.0f} / "
               f"{r['rss_mb_end']:.0f} ({r['peak_rss_mb_end']:.0f}) |")  # fmt: skip
     print(f"| predict command over the same files (start-up included) | {predict_rate:.0f} | | | | | | | |")
+    for name, r in rows.items():
+        during = ", ".join(f"{m:.0f}" for m in r["rss_mb_during"])
+        stages = ", ".join(f"{stage} {ms:.2f}" for stage, ms in r["ms_per_image"].items())
+        print(f"{name}: RSS every 5 s under load {during} MiB; wall ms per image in the server: {stages}")
     batched = rows["batched (--max-batch 32)"]
     print(
         f"batched server: {batched['images_per_s'] / predict_rate:.0%} of predict's images/s; "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class BatchStats:
     images: int = 0
     batches: int = 0
     sizes: Counter = field(default_factory=Counter)
+    model_seconds: float = 0.0  # inside the backend's infer and the scoring, summed over batches
 
 
 class Batcher:
@@ -114,7 +116,9 @@ class Batcher:
                     future.set_result(result)
 
     def _score(self, images: np.ndarray) -> list[Scored]:
+        start = time.perf_counter()
         logits, features = self.classifier.infer(images, features=self.rejector.needs_features)
         probs = probabilities(logits, self.classifier.temperature)
         rejected = self.rejector.rejected(logits, features)
+        self.stats.model_seconds += time.perf_counter() - start
         return [Scored(row, bool(flag)) for row, flag in zip(probs, rejected)]

@@ -14,7 +14,6 @@ usable image (400), more images waiting than `max_queue` (503 with Retry-After),
 than `timeout_s` (504).
 """
 
-
 import asyncio
 import signal
 import time
@@ -116,6 +115,7 @@ class Counters:
     requests: Counter
     errors: Counter
     latency_ms: list[float]
+    seconds: Counter  # wall time summed per stage: reading the request, decoding and preparing, the whole answer
 
 
 def answer(classifier: Classifier, name: str, scored: Scored, top_k: int, method: str) -> dict[str, Any]:
@@ -137,7 +137,7 @@ def create_app(model: str | Path, options: ServeOptions | None = None, classifie
 
     options = options or ServeOptions()
     state: dict[str, Any] = {"ready": False}
-    counters = Counters(Counter(), Counter(), [])
+    counters = Counters(Counter(), Counter(), [], Counter())
     decode_pool = ThreadPoolExecutor(options.decode_threads, thread_name_prefix="clothcli-decode")
 
     @asynccontextmanager
@@ -175,6 +175,7 @@ def create_app(model: str | Path, options: ServeOptions | None = None, classifie
 
     async def predict_images(request: Request) -> JSONResponse:
         loaded: Classifier = state["classifier"]
+        started = time.perf_counter()
         try:
             files = await uploads(request)
         except ClientDisconnect:
@@ -191,11 +192,14 @@ def create_app(model: str | Path, options: ServeOptions | None = None, classifie
             return error(400, f"too many files: at most {options.max_files} per request", "too_many_files")
         loop = asyncio.get_running_loop()
         arrays = []
+        read = time.perf_counter()
+        counters.seconds["request"] += read - started
         for name, data in files:
             try:
                 arrays.append(await loop.run_in_executor(decode_pool, prepare, data))
             except ImageReadError as exc:
                 return error(400, f"{name}: {exc}", "bad_image", file=name)
+        counters.seconds["decode"] += time.perf_counter() - read
         try:
             futures = state["batcher"].submit(arrays)
         except Overloaded:
@@ -217,6 +221,7 @@ def create_app(model: str | Path, options: ServeOptions | None = None, classifie
         except TimeoutError:
             return error(504, f"no answer within {options.timeout_s:g} s", "timeout")
         counters.latency_ms.append((time.perf_counter() - start) * 1000.0)
+        counters.seconds["answer"] += time.perf_counter() - start
         del counters.latency_ms[:-10000]
         return response
 
@@ -243,9 +248,10 @@ def create_app(model: str | Path, options: ServeOptions | None = None, classifie
         batcher = state["batcher"]
         latency = np.asarray(counters.latency_ms) if counters.latency_ms else np.zeros(1)
         sizes = {str(k): v for k, v in sorted(batcher.stats.sizes.items())}
+        seconds = {**counters.seconds, "model": batcher.stats.model_seconds}
         return JSONResponse({
             "requests": dict(counters.requests), "errors": dict(counters.errors), "images": batcher.stats.images,
-            "batches": batcher.stats.batches, "batch_sizes": sizes,
+            "batches": batcher.stats.batches, "batch_sizes": sizes, "seconds": seconds,
             "latency_ms": {"p50": float(np.percentile(latency, 50)), "p99": float(np.percentile(latency, 99))},
         })  # fmt: skip
 
