@@ -224,7 +224,7 @@ def evaluate_classifier(
         temperature=temperature,
         calibration=calibration(log_probs, targets).to_dict() if len(targets) else {},
         ood=separations,
-        rejection=_stored_rejection(classifier, out, preds == targets, outside),
+        rejection=_stored_rejection(classifier, out, preds == targets, outside, bank),
         files=[
             {"path": str(samples[i][0]), "true": classes[t], "predicted": classes[p], "confidence": float(c)}
             for i, t, p, c in zip(out.rows, targets.tolist(), preds.tolist(), confidence.tolist())
@@ -234,13 +234,15 @@ def evaluate_classifier(
     )
 
 
-def _stored_rejection(classifier: Classifier, out: Outputs, right: np.ndarray, outside: Outputs | None) -> dict | None:
+def _stored_rejection(
+    classifier: Classifier, out: Outputs, right: np.ndarray, outside: Outputs | None, bank: Any
+) -> dict | None:
     """What the rejection rule `calibrate --ood` stored does on this split: the share it keeps, their
     accuracy, and the share of the out-of-distribution images it accepts. None without a usable rule."""
     if classifier.ood_threshold is None:
         return None
     try:
-        rejector = rejector_for(classifier, "auto")
+        rejector = rejector_for(classifier, "auto", bank)
     except UserError:  # --no-calibration with a logit score: the stored threshold does not apply
         return None
     kept = ~rejector.rejected(out.logits, out.features)

@@ -43,7 +43,7 @@ from clothcli.backends.pytorch import torch_module
 from clothcli.data.sources import available_splits
 from clothcli.engines.evaluate import model_outputs, own_split, split_of
 from clothcli.engines.quantize import quantize_int8, quiet, require_quantizer
-from clothcli.errors import UserError
+from clothcli.errors import UserError, require_packages
 from clothcli.formats import EXECUTORCH, ONNX, OPENVINO, model_format
 from clothcli.io_utils import atomic_path
 from clothcli.models.loading import WithFeatures
@@ -114,11 +114,7 @@ class ExportReport:
 
 
 def _require_export_packages() -> None:
-    for name in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            __import__(name)
-        except ImportError:
-            raise UserError(f"export needs {name}: {EXPORT_EXTRA}") from None
+    require_packages(("onnx", "onnxruntime", "onnxscript"), "export", EXPORT_EXTRA)
 
 
 def _check_output(output: Path) -> None:

@@ -75,9 +75,10 @@ class Rejector:
         return self.score(logits, features) < self.threshold
 
 
-def rejector_for(classifier: Classifier, min_confidence: float | str) -> Rejector:
+def rejector_for(classifier: Classifier, min_confidence: float | str, bank: FeatureBank | None = None) -> Rejector:
     """The rule `--min-confidence` names: a number (a floor on the calibrated top-1 probability) or `auto`
-    (the stored method and threshold; a calibrated probability for the logit scores)."""
+    (the stored method and threshold; a calibrated probability for the logit scores). `bank`: the model's
+    stored bank when the caller has already read it."""
     value = parse_min_confidence(min_confidence)
     if value != "auto":
         return Rejector("msp", float(value), classifier.temperature)
@@ -91,7 +92,8 @@ def rejector_for(classifier: Classifier, min_confidence: float | str) -> Rejecto
         raise UserError(f"{classifier.source}: unknown stored rejection method '{method}'")
     if method in LOGIT_SCORES and classifier.temperature != classifier.stored_temperature:
         raise UserError(f"--min-confidence auto uses {method} on calibrated logits: drop --no-calibration")
-    bank = stored_bank(classifier) if method in FEATURE_SCORES else None
+    if method in FEATURE_SCORES and bank is None:
+        bank = stored_bank(classifier)
     if method in FEATURE_SCORES and not getattr(classifier, "has_features", True):
         raise UserError(f"{classifier.source}: no features output for the stored {method} score; export it again")
     return Rejector(method, float(classifier.ood_threshold), classifier.stored_temperature, bank)

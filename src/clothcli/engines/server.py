@@ -31,7 +31,7 @@ from clothcli.backends import Classifier, load_classifier
 from clothcli.data.images import ImageReadError, load_rgb
 from clothcli.engines.batching import Batcher, Overloaded, Scored
 from clothcli.engines.rejection import rejector_for
-from clothcli.errors import UserError
+from clothcli.errors import require_packages
 from clothcli.names import UNKNOWN
 
 SERVE_EXTRA = "pip install 'clothcli[serve]'"
@@ -53,11 +53,7 @@ class ServeOptions:
 
 
 def require_serving() -> None:
-    for name in ("fastapi", "uvicorn", "multipart"):
-        try:
-            __import__(name)
-        except ImportError:
-            raise UserError(f"serving needs {name}: {SERVE_EXTRA}") from None
+    require_packages(("fastapi", "uvicorn", "multipart"), "serving", SERVE_EXTRA)
 
 
 class BodyLimit:
