@@ -41,7 +41,8 @@ def export(
     int8_images: Annotated[int, typer.Option(min=1, help="Training images --int8 is calibrated on.")] = 256,
     json_path: JsonOption = None,
 ) -> None:
-    """Export to ONNX (batch norm folded, dynamic batch, classes inside), verified against PyTorch."""
+    """Export to ONNX (.onnx), OpenVINO (.xml) or ExecuTorch (.pte) by the output's suffix, verified against
+    PyTorch, with the classes, preprocessing and calibration; --int8 adds an int8 model beside it."""
     from clothcli.engines.export import export_onnx
 
     with render.progress_bar("exporting"):

@@ -41,5 +41,8 @@ def serve(
         max_body_bytes=int(max_body_mb * 2**20), timeout_s=timeout_s, top_k=top_k,
         min_confidence=parse_min_confidence(min_confidence), decode_threads=decode_threads,
     )  # fmt: skip
-    render.note(f"serving {Path(model)} at http://{host}:{port}/ (API docs at /docs); Ctrl-C or SIGTERM stops")
-    run_server(model=model, host=host, port=port, options=options)
+
+    def announce() -> None:
+        render.note(f"serving {Path(model)} at http://{host}:{port}/ (API docs at /docs); Ctrl-C or SIGTERM stops")
+
+    run_server(model=model, host=host, port=port, options=options, on_start=announce)

@@ -260,9 +260,17 @@ def create_app(model: str | Path, options: ServeOptions | None = None, classifie
     return app
 
 
-def serve(*, model: str | Path, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions | None = None) -> None:
+def serve(
+    *,
+    model: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    options: ServeOptions | None = None,
+    on_start: Any = None,
+) -> None:
     """Serve `model` until SIGTERM or Ctrl-C: one uvicorn process, one event loop; the model runs in one
-    thread (its runtime's own threads use the cores) and uploads decode in `decode_threads` threads."""
+    thread (its runtime's own threads use the cores) and uploads decode in `decode_threads` threads.
+    `on_start` is called once the model has loaded, before the server listens."""
     require_serving()
     import uvicorn
 
@@ -270,6 +278,8 @@ def serve(*, model: str | Path, host: str = "127.0.0.1", port: int = 8000, optio
     classifier = load_classifier(model, in_workers=False)  # a bad model or option fails here, in one line
     rejector_for(classifier, options.min_confidence)
     app = create_app(model, options, classifier=classifier)
+    if on_start is not None:  # the model loaded: the caller says where it is served
+        on_start()
     # uvicorn finishes what is in flight, then raises the signal again: a stop asked for is a clean exit
     previous = {sig: signal.signal(sig, _exit_with(code)) for sig, code in ((signal.SIGTERM, 0), (signal.SIGINT, 130))}
     try:
