@@ -87,7 +87,28 @@ def evaluate(
 
 def predict(
     model: ModelArgument,
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders and glob patterns, mixed.")],
+    inputs: Annotated[
+        list[str] | None, typer.Argument(help="Image files, folders and glob patterns, mixed.", show_default=False)
+    ] = None,
+    from_list: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also classify the paths listed in FILE: one per line, or a .csv/.jsonl/.parquet with a path column.",
+            show_default="none",
+        ),
+    ] = None,
+    list_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder the --from-list paths are relative to and must stay inside.", show_default="the list's folder"
+        ),
+    ] = None,
+    merge_wait: Annotated[
+        float,
+        typer.Option(
+            min=1, help="Sharded runs: seconds rank 0 waits for a part that stopped growing before it gives up."
+        ),
+    ] = 600.0,
     recursive: Annotated[bool, typer.Option(help="Descend into sub-folders of given folders.")] = True,
     top_k: Annotated[int, typer.Option(min=1, max=100, help="How many classes to show per image.")] = 1,
     min_confidence: Annotated[
@@ -119,7 +140,10 @@ def predict(
     calibration: CalibrationOption = True,
     precision: PrecisionOption = None,
 ) -> None:
-    """Classify the images of files and folders: fast, batched, robust to bad files."""
+    """Classify the images of files and folders: fast, batched, robust to bad files.
+
+    Under torchrun or `accelerate launch` every process classifies its share (RANK of WORLD_SIZE) and
+    rank 0 merges the parts into -o, the same file one process writes."""
     from clothcli.engines.predict import run_predict
 
     rows: list = []
@@ -133,14 +157,15 @@ def predict(
             update(done[0], None)
 
         summary = run_predict(
-            model=model, inputs=inputs, recursive=recursive, batch_size=batch_size, workers=workers, top_k=top_k,
+            model=model, inputs=inputs or [], recursive=recursive, batch_size=batch_size, workers=workers, top_k=top_k,
             min_confidence=min_confidence, output=output, copy_to=copy_to, move_to=move_to, device=device,
-            on_result=on_result, resume=resume, calibrated=calibration, precision=precision,
+            on_result=on_result, resume=resume, calibrated=calibration, precision=precision, from_list=from_list,
+            list_root=list_root, wait_s=merge_wait,
         )  # fmt: skip
     render.predictions(rows, summary, top_k)
-    if output:
+    if output and (summary.shard.rank == 0):
         render.note(f"wrote {output}")
-    if summary.classified == 0 and summary.already_done == 0:
+    if summary.classified == 0 and summary.already_done == 0 and summary.shard.rank == 0:
         raise typer.Exit(1)
 
 

@@ -1,4 +1,10 @@
-"""Finding the images that files, folders and glob patterns name."""
+"""Finding the images that files, folders, glob patterns and input lists name.
+
+An input list (`predict --from-list`) is a text file of one path per line, or a .csv, .jsonl or .parquet
+file with a `path` column: a million paths that do not fit on a command line. Its paths are relative to
+its folder (or to the folder given as its root) and must stay inside it, as a label file's must; its order
+is kept, so every process of a sharded run sees the same list.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,9 @@ from pathlib import Path
 
 from clothcli.data.layout import is_hidden, is_image_name
 from clothcli.errors import UserError
+
+LIST_TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+LIST_PATH_COLUMN = "path"
 
 
 @dataclass
@@ -71,3 +80,60 @@ def images_under(folder: str | Path) -> list[Path]:
     if found.missing or not found.files:
         raise UserError(f"{folder}: no images found")
     return found.files
+
+
+@dataclass
+class ListedInputs:
+    """An input list's paths in its order, duplicates dropped; the entries that were refused, by line."""
+
+    files: list[Path]
+    refused: list[str] = field(default_factory=list)  # "line N: why", for entries outside the root or empty
+
+
+def _list_entries(path: Path) -> list[str]:
+    from clothcli.data.sources import read_rows
+
+    if path.suffix.lower() not in LIST_TABLE_SUFFIXES:
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a UTF-8 text list of paths") from None
+        return [line.strip() for line in text.splitlines()]
+    rows = read_rows(path)
+    if rows and "__bad__" not in rows[0] and LIST_PATH_COLUMN not in rows[0]:
+        raise UserError(f"{path}: no '{LIST_PATH_COLUMN}' column; columns: {', '.join(rows[0])}")
+    return [str(row.get(LIST_PATH_COLUMN) or "").strip() for row in rows]
+
+
+def read_input_list(path: str | Path, root: str | Path | None = None) -> ListedInputs:
+    """The images an input list names, relative to `root` (by default the list's folder) and inside it.
+
+    Lexical checks only (no stat per entry): a listed file that is missing becomes a result with an
+    error later, as an unreadable image does, instead of aborting a run over a million paths. Blank
+    lines and lines starting with '#' in a text list are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"input list not found: {path}")
+    given = str(root if root is not None else path.parent)
+    base = os.path.abspath(given)
+    if root is not None and not os.path.isdir(base):
+        raise UserError(f"--list-root {root}: not a folder")
+    textual = path.suffix.lower() not in LIST_TABLE_SUFFIXES
+    first_row = 1 if textual or path.suffix.lower() != ".csv" else 2
+    out = ListedInputs(files=[])
+    seen: set[str] = set()
+    inside = base.rstrip(os.sep) + os.sep
+    for number, entry in enumerate(_list_entries(path), first_row):
+        if not entry or (textual and entry.startswith("#")):
+            if not textual:
+                out.refused.append(f"row {number}: no {LIST_PATH_COLUMN}")
+            continue
+        shown = os.path.normpath(os.path.join(given, entry))  # as the user names it: relative stays relative
+        full = os.path.normpath(os.path.join(base, entry))
+        if not full.startswith(inside):
+            out.refused.append(f"{'line' if textual else 'row'} {number}: {entry} is outside {given}")
+            continue
+        if full not in seen:
+            seen.add(full)
+            out.files.append(Path(shown))
+    return out

@@ -129,7 +129,8 @@ def _parquet_rows(path: Path) -> list[dict]:
     return table.select(textual).to_pylist()
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a .csv, .jsonl or .parquet file as dicts (a JSONL line that is not an object: `__bad__`)."""
     if not path.is_file():
         raise UserError(f"label file not found: {path}")
     if path.suffix.lower() == ".parquet":
@@ -182,7 +183,7 @@ def _row_problem(
 
 def _label_file(path: Path, cfg: DataConfig, workers: int, folder: Path | None = None) -> Source:
     """A label file's rows (paths relative to `folder`, by default the file's own)."""
-    rows = _read_rows(path)
+    rows = read_rows(path)
     folder = Path(os.path.abspath(folder or path.parent))
     if rows and "__bad__" not in rows[0]:
         header = rows[0].keys()

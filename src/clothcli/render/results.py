@@ -66,7 +66,19 @@ def evaluation(report, normalise: bool = False) -> None:
 
 
 def predictions(rows: list, summary, top_k: int) -> None:
-    """Results table (first rows), then per-class counts, unreadable files and speed."""
+    """Results table (first rows), then per-class counts, unreadable files and speed. A process of a sharded
+    run other than rank 0 says only what it wrote where."""
+    shard = summary.shard
+    if shard.world > 1 and shard.rank != 0:
+        note(
+            f"rank {shard.rank} of {shard.world}: {summary.total} classified into {summary.part} "
+            f"in {summary.seconds:.1f}s; rank 0 merges the parts"
+        )
+        return
+    for line in summary.refused[:20]:
+        warn(line)
+    if len(summary.refused) > 20:
+        warn(f"{len(summary.refused) - 20} more input-list entries refused")
     if rows:
         table = Table(
             title=f"Predictions (first {len(rows)} of {summary.total})" if summary.total > len(rows) else "Predictions"
@@ -104,6 +116,8 @@ def predictions(rows: list, summary, top_k: int) -> None:
         f"{summary.classified} classified, {len(summary.errors)} unreadable, "
         f"{summary.total} in {summary.seconds:.1f}s ({summary.images_per_s:.0f} images/s)"
     )
+    if summary.merged_rows is not None:
+        note(f"{shard.world} processes' parts merged: {summary.merged_rows} rows, in the order one process writes")
 
 
 def calibration(report, stored: bool) -> None:
