@@ -7,6 +7,7 @@ group in one split (`data.splits`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,20 +79,90 @@ def inspect_file(path: Path, split: str, label: str, deep: bool = False) -> File
     return report
 
 
-def near_pairs(bits: np.ndarray, max_bits: int, chunk: int = 1024) -> list[tuple[int, int]]:
-    """Index pairs (i < j) whose hashes differ in at most `max_bits` bits.
+# the popcount of every byte, for the exact Hamming check of candidate pairs
+_BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1).astype(np.uint16)
+DENSE_BUCKET = 2048  # a bucket this large is checked by one matrix product instead of pair by pair
+PAIR_CHUNK = 1 << 20
 
-    With bits mapped to +-1, Hamming distance = (n_bits - a.b) / 2, so a chunked matrix product
-    compares all pairs in seconds even for tens of thousands of images.
-    """
-    signs = bits.astype(np.float32) * 2 - 1
-    n_bits = signs.shape[1]
-    pairs = []
-    for start in range(0, len(signs), chunk):
-        distance = (n_bits - signs[start : start + chunk] @ signs.T) / 2
+
+def _dense_pairs(signs: np.ndarray, members: np.ndarray, max_bits: int, chunk: int = 1024) -> np.ndarray:
+    """All pairs (i < j) of `members` within `max_bits`: with bits as +-1, Hamming distance = (n_bits - a.b)/2,
+    so a chunked matrix product compares every pair of a large bucket at BLAS speed."""
+    block = signs[members]
+    found = []
+    for start in range(0, len(members), chunk):
+        distance = (block.shape[1] - block[start : start + chunk] @ block.T) / 2
         rows, cols = np.nonzero(distance <= max_bits + 0.5)
-        pairs.extend((start + int(r), int(c)) for r, c in zip(rows, cols) if start + r < c)
-    return pairs
+        keep = start + rows < cols
+        found.append(np.stack([members[start + rows[keep]], members[cols[keep]]], axis=1))
+    return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
+
+
+def _bucket_pairs(keys: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Pairs of indices with equal `keys` (i < j), from the buckets up to DENSE_BUCKET; the larger buckets'
+    members apart."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    sizes = np.diff(np.r_[starts, len(keys)])
+    large = [
+        order[start : start + size] for start, size in zip(starts[sizes > DENSE_BUCKET], sizes[sizes > DENSE_BUCKET])
+    ]
+    size_of = np.repeat(sizes, sizes)  # each sorted element's bucket size
+    small = size_of <= DENSE_BUCKET
+    order, sorted_keys, size_of = order[small], sorted_keys[small], size_of[small]
+    pairs = []
+    offset = 1
+    while True:
+        # only the buckets larger than the offset have pairs that far apart; each stays whole and in order,
+        # so the work is about the number of pairs, however the bucket sizes are spread
+        live = size_of > offset
+        if not live.any():
+            break
+        if not live.all():
+            order, sorted_keys, size_of = order[live], sorted_keys[live], size_of[live]
+        same = np.flatnonzero(sorted_keys[:-offset] == sorted_keys[offset:])
+        a, b = order[same], order[same + offset]
+        pairs.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
+        offset += 1
+    return (np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)), large
+
+
+def near_pairs(bits: np.ndarray, max_bits: int) -> list[tuple[int, int]]:
+    """Index pairs (i < j) whose hashes (rows of 0/1 `bits`) differ in at most `max_bits` bits: all of them.
+
+    Multi-index hashing (Norouzi et al. 2012): the bits are cut into `max_bits + 1` substrings, and a pair
+    that differs in at most `max_bits` bits agrees exactly on at least one of them (pigeonhole). So the
+    candidates are the pairs that share a substring's value, found by sorting each substring's values, and
+    each is then checked exactly. The work grows with the number of candidates, about n log n for hashes
+    that are spread out, instead of n^2 for comparing every pair."""
+    n, n_bits = bits.shape
+    if n < 2:
+        return []
+    packed = np.packbits(bits.astype(bool), axis=1)
+    bounds = np.linspace(0, n_bits, min(max_bits + 1, n_bits) + 1).astype(int)
+    signs = None
+    codes = []
+    for lo, hi in itertools.pairwise(bounds):
+        keys = bits[:, lo:hi].astype(np.int64) @ (np.int64(1) << np.arange(hi - lo, dtype=np.int64))
+        candidates, large = _bucket_pairs(keys)
+        for start in range(0, len(candidates), PAIR_CHUNK):
+            a, b = candidates[start : start + PAIR_CHUNK].T
+            distance = _BYTE_BITS[packed[a] ^ packed[b]].sum(1)
+            codes.append(a[distance <= max_bits] * n + b[distance <= max_bits])
+        for members in large:
+            signs = bits.astype(np.float32) * 2 - 1 if signs is None else signs
+            found = _dense_pairs(signs, np.sort(members), max_bits)
+            codes.append(found[:, 0] * n + found[:, 1])
+    unique = np.unique(np.concatenate(codes)) if codes else np.zeros(0, dtype=np.int64)
+    return [(int(code // n), int(code % n)) for code in unique]
+
+
+def all_pairs(bits: np.ndarray, max_bits: int) -> list[tuple[int, int]]:
+    """Every pair within `max_bits` by comparing all n^2 pairs: the reference `near_pairs` is checked against."""
+    signs = bits.astype(np.float32) * 2 - 1
+    found = _dense_pairs(signs, np.arange(len(bits)), max_bits)
+    return sorted((int(a), int(b)) for a, b in found)
 
 
 def groups_of(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:

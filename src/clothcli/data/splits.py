@@ -25,12 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from clothcli.config import SplitConfig
-from clothcli.data.duplicates import groups_of, inspect_file, near_pairs
+from clothcli.data.duplicates import NEAR_DUPLICATE_BITS, groups_of, inspect_file, near_pairs
 
 SPLITS_FILE = "splits.csv"
 SPLIT_COLUMNS = ["path", "class", "split", "group"]
 MIN_GROUPS = 10  # fewer duplicate groups than this in a class: too small to stratify, kept in train
-NEAR_SEARCH_LIMIT = 60_000  # the all-pairs near-duplicate search above this size would take minutes
 
 
 @dataclass
@@ -73,14 +72,9 @@ def _group_ids(items: list[tuple[Path, str]], workers: int) -> tuple[list[int], 
             first[digest] = i
     warnings = []
     readable = [i for i, a in enumerate(audits) if a.dhash is not None]
-    if len(readable) > NEAR_SEARCH_LIMIT:
-        warnings.append(
-            f"{len(readable):,} images: near duplicates are not searched above {NEAR_SEARCH_LIMIT:,} "
-            "(exact duplicates still are)"
-        )
-    elif readable:
+    if readable:
         bits = np.stack([audits[i].dhash for i in readable])
-        pairs.extend((readable[a], readable[b]) for a, b in near_pairs(bits, max_bits=12))
+        pairs.extend((readable[a], readable[b]) for a, b in near_pairs(bits, max_bits=NEAR_DUPLICATE_BITS))
     group_of = list(range(len(items)))
     for members in groups_of(len(items), pairs):
         for i in members:
