@@ -96,3 +96,47 @@ def test_eval_transform_matches_timm_within_one_level(tmp_path):
         assert ours.shape == theirs.shape == (3, 64, 64)
         assert (ours - theirs).abs().max() <= 1 / 255 / 0.5 + 1e-6, size
     assert eval_transform(pre, uint8_out=True)(Image.new("RGB", (90, 80))).dtype == torch.uint8
+
+
+def test_cache_budget_gives_up_the_least_recently_used_first(tiny_dataset, tmp_path):
+    import os
+
+    from clothcli.data.cache import CacheBudget, estimate_bytes
+
+    folder = tmp_path / "c"
+    splits = index_dataset(tiny_dataset).splits
+    train, test = ([p for p, _ in splits[name].samples] for name in ("train", "test"))
+    old = build_or_open(test, 20, "bilinear", folder, workers=1)
+    os.utime(old.path.with_suffix(".json"), (1, 1))  # long unused
+    # room for one cache only: the old one is deleted for the new one
+    budget = (estimate_bytes(train, 20) + old.nbytes / 2) / 1e9
+    new = build_or_open(train, 20, "bilinear", folder, workers=1, max_gb=budget)
+    assert not isinstance(new, CacheBudget) and new.path.exists() and not old.path.exists()
+    # a cache larger than the whole budget is not built: decoding every epoch instead
+    refused = build_or_open(test, 24, "bilinear", folder, workers=1, max_gb=1e-9)
+    assert isinstance(refused, CacheBudget) and not refused.fits and new.path.exists()
+    assert "past data.cache_max_gb" in refused.describe()
+
+
+def test_training_past_the_cache_budget_decodes_every_epoch(tiny_dataset, tmp_path):
+    from clothcli.config import load_config
+    from clothcli.errors import UserError
+    from clothcli.training import SilentReporter, train
+    from conftest import TINY_OVERRIDES
+
+    class Messages(SilentReporter):
+        def message(self, text: str) -> None:
+            messages.append(text)
+
+    base = [*TINY_OVERRIDES, "train.epochs=1", f"data.root={tiny_dataset}", f"output_dir={tmp_path / 'runs'}",
+            f"data.cache_dir={tmp_path / 'c'}", "data.cache_max_gb=1e-9"]  # fmt: skip
+    messages = []
+    result = train(load_config(None, base), reporter=Messages())
+    assert result.run_dir.exists() and any("decoding the files every epoch instead" in m for m in messages)
+    assert not list((tmp_path / "c").glob("*.u8"))
+    try:
+        train(load_config(None, [*base, "data.cache=disk"]))
+    except UserError as exc:
+        assert "raise data.cache_max_gb" in str(exc)
+    else:
+        raise AssertionError("data.cache=disk past the budget trained")

@@ -104,3 +104,11 @@ def test_missing_config_file(tmp_path):
 def test_yaml_no_means_the_string_no(tmp_path):
     assert load_config(write(tmp_path, "train:\n  mixed_precision: no\n")).train.mixed_precision == "no"
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_exponent_without_a_dot_is_a_float():
+    """YAML 1.1 reads 1e-4 as a string; a float key takes it as the number a user means."""
+    cfg = load_config(None, ["optim.lr=1e-3", "data.cache_max_gb=2E1"])
+    assert cfg.optim.lr == 0.001 and cfg.data.cache_max_gb == 20.0
+    with pytest.raises(UserError, match="must be float"):
+        load_config(None, ["optim.lr=1e-3x"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from typing import Any, Literal
 import yaml
 
 from clothcli.errors import UserError
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
@@ -52,6 +55,8 @@ class DataConfig:
     num_workers: int = field(default=2, metadata=_range(0, 256))
     cache: Literal["none", "memory", "disk", "auto"] = "auto"
     cache_dir: str | None = None
+    # the most the decode caches in cache_dir may take together, in GB; null: half the free space of its disk
+    cache_max_gb: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
     # where colour jitter and normalisation run: in the loader workers, or batched on the training
     # device (needs the cache); auto = device on a GPU, workers on a CPU
     augment_on: Literal["auto", "workers", "device"] = "auto"
@@ -256,6 +261,8 @@ def _check_value(value: Any, hint: Any, key: str, where: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (an exponent without a dot) as a string
     if hint in (int, float) and isinstance(value, bool):
         raise UserError(f"{where}: '{key}' must be a number, got {value!r}")
     if not isinstance(value, hint):

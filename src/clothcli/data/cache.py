@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clothcli.data.images import ImageReadError, load_rgb
+from clothcli.data.images import ImageReadError, load_rgb, read_info
 from clothcli.data.loading import ResizeShortSide
 from clothcli.io_utils import atomic_path
 
@@ -31,6 +32,66 @@ CACHE_VERSION = 2  # 2: resized with torch's uint8 kernel (ResizeShortSide), no 
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "clothcli" / "decoded"
+
+
+@dataclass
+class CacheBudget:
+    """Whether a new decode cache fits the disk budget of its folder, and what makes room for it."""
+
+    needed: int  # bytes, estimated from a sample of the images' headers
+    budget: int  # bytes the folder's caches may take together
+    explicit: bool  # from data.cache_max_gb, not the free-space default
+    evict: list[Path]  # older caches to delete (least recently used first) so that it fits
+    fits: bool
+
+    def describe(self) -> str:
+        limit = f"data.cache_max_gb {self.budget / 1e9:g}" if self.explicit else "half the free disk space"
+        return f"the decode cache would take about {self.needed / 1e9:.1f} GB, past {limit}"
+
+
+def estimate_bytes(paths: Sequence[Path], short_side: int, sample: int = 256) -> int:
+    """The decoded size of `paths` at `short_side`, from the header sizes of an even sample of them."""
+    if not paths:
+        return 0
+    step = max(1, len(paths) // sample)
+    ratios = []
+    for path in paths[::step][:sample]:
+        try:
+            info = read_info(path)
+        except (ImageReadError, OSError):
+            continue
+        if info.width and info.height:
+            ratios.append(max(info.width, info.height) / min(info.width, info.height))
+    mean_ratio = float(np.mean(ratios)) if ratios else 1.0
+    return int(len(paths) * short_side * short_side * mean_ratio * 3)
+
+
+def cache_entries(directory: Path) -> list[tuple[Path, Path]]:
+    """The caches in `directory` (data file, index), least recently used (by the index's time) first."""
+    entries = [(data, data.with_suffix(".json")) for data in directory.glob("*.u8")]
+
+    def last_used(entry: tuple[Path, Path]) -> float:
+        return (entry[1] if entry[1].exists() else entry[0]).stat().st_mtime
+
+    return sorted(entries, key=last_used)
+
+
+def plan_budget(paths: Sequence[Path], short_side: int, directory: Path, max_gb: float | None) -> CacheBudget:
+    """Room for a new cache of `paths`: the least recently used caches of the folder are given up first;
+    past the budget even with the folder emptied, it does not fit."""
+    needed = estimate_bytes(paths, short_side)
+    free = shutil.disk_usage(directory).free
+    entries = cache_entries(directory)
+    held = sum(data.stat().st_size for data, _ in entries)
+    budget = int(max_gb * 1e9) if max_gb is not None else (free + held) // 2
+    evict, total = [], held + needed
+    for data, _ in entries:
+        if total <= budget:
+            break
+        evict.append(data)
+        total -= data.stat().st_size
+    fits = total <= budget and needed < free
+    return CacheBudget(needed, budget, max_gb is not None, evict if fits else [], fits)
 
 
 def decode_resized(path: Path, short_side: int, interpolation: str) -> np.ndarray:
@@ -124,15 +185,25 @@ def build_or_open(
     mode: str = "auto",
     workers: int = 2,
     progress: Callable[[int, int], None] | None = None,
-) -> DecodedImages:
-    """The decoded images of `paths`, from the cache file if one matches, else built now."""
+    max_gb: float | None = None,
+) -> DecodedImages | CacheBudget:
+    """The decoded images of `paths`, from the cache file if one matches, else built now (the least recently
+    used caches of the folder deleted first when the budget asks: `plan_budget`); None when a new cache
+    does not fit the budget even then."""
     directory = Path(cache_dir) if cache_dir else default_cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     key = content_key(paths, short_side, interpolation)
     data_path = directory / f"{key}.u8"
     index_path = directory / f"{key}.json"
     if not (data_path.is_file() and index_path.is_file()):
+        room = plan_budget(paths, short_side, directory, max_gb)
+        if not room.fits:
+            return room
+        for old in room.evict:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
         _build(paths, short_side, interpolation, data_path, index_path, workers, progress)
+    os.utime(index_path)  # used now (its index's time, the data file's stays its build time): given up last
     index = json.loads(index_path.read_text())
     offsets = np.array(index["offsets"], dtype=np.int64)
     shapes = np.array(index["shapes"], dtype=np.int64).reshape(-1, 2)

@@ -62,7 +62,7 @@ def _datasets(
             ImageFiles(train.samples, train_transform(pre, cfg.augment), decode_size(pre, cfg.augment)),
             ImageFiles(val_samples, eval_transform(pre), decode_size(pre)) if val_samples else None,
         )
-    from clothcli.data.cache import build_or_open
+    from clothcli.data.cache import CacheBudget, build_or_open
 
     out = []
     for name, samples, transform, short_side in (
@@ -80,7 +80,21 @@ def _datasets(
             cfg.data.cache_dir,
             cfg.data.cache,
             workers=max(1, cfg.data.num_workers),
+            max_gb=cfg.data.cache_max_gb,
         )
+        if isinstance(images, CacheBudget):
+            if cfg.data.cache != "auto" or on_device:
+                need = (
+                    f"data.cache={cfg.data.cache}" if cfg.data.cache != "auto" else "batched augmentation on the device"
+                )
+                raise UserError(f"{need} needs the decode cache, but {images.describe()}: raise data.cache_max_gb")
+            reporter.message(f"{name}: {images.describe()}; decoding the files every epoch instead")
+            decoded = ImageFiles(samples, *(
+                (train_transform(pre, cfg.augment), decode_size(pre, cfg.augment)) if name == "train"
+                else (eval_transform(pre), decode_size(pre))
+            ))  # fmt: skip
+            out.append(decoded)
+            continue
         where = "in memory" if images.in_memory else "memory-mapped"
         reporter.message(
             f"decoded {name} images: {len(images)} at short side {short_side} px, "
