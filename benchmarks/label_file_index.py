@@ -3,8 +3,8 @@
 Builds ROWS distinct hard links of the real images of DATA (a few real photos reached by a million
 names: the file system does the stat work it would do for a million photos), writes a CSV of path,
 label and split, and times `data.sources.open_dataset` on it in a fresh process, with its peak RSS.
-The grouped split (decoding and hashing every image) is timed apart on a subset, since at this size
-the near-duplicate search is skipped (`data.splits.NEAR_SEARCH_LIMIT`).
+The grouped split (decoding and hashing every image) is timed apart on a subset
+(`benchmarks/duplicate_search.py` times the near-duplicate search itself up to a million hashes).
 
     python benchmarks/label_file_index.py ../shared/datasets/clothing-dataset-small --rows 1000000
 """

@@ -57,3 +57,20 @@ def test_rounds_alternate_order_and_ratios_are_taken_within_a_round():
     assert fast["round_ratios"] == [1.5, 1.0, 2.0]
     assert fast["ratio"] == 1.5 and plain["ratio"] == 1.0
     assert fast["images_per_s"] == 20.0 and plain["images_per_s"] == 20.0
+
+
+@pytest.mark.parametrize("script", ["duplicate_search.py", "analyze_at_scale.py"])
+def test_scale_benchmarks_tiny_mode(script, tmp_path):
+    out = tmp_path / "b.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    if script == "duplicate_search.py":  # the index finds what comparing every pair finds
+        assert all(row["same_as_all_pairs"] and row["pairs"] > 0 for row in result["results"])
+    else:  # one in a hundred images is a re-encoded copy
+        assert result["images"] == 600 and result["duplicate_groups"] >= 5

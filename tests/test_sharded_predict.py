@@ -1,6 +1,7 @@
 """Inputs by list and sharded predict: every process a share, one merged file identical to one process's."""
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -187,3 +188,15 @@ def test_two_machines_on_one_give_the_one_process_file(onnx_model, tmp_path):
     assert out.read_bytes() == single
     assert "rank 1 of 2" in logs[1] and "merged" in logs[0]
     assert not parts_dir(out).exists()  # removed once merged
+
+
+def test_sharded_benchmark_runs_small(onnx_model, tmp_path):
+    model, data = onnx_model
+    out = tmp_path / "b.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sharded_predict.py"
+    command = [sys.executable, str(script), str(model), str(data), "--rounds", "1", "--list-rows", "3000",
+               "--todo", "5", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["sharded"]["identical_output"] and result["resume"]["rows_after"] == 3000

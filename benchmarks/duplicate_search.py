@@ -1,0 +1,142 @@
+"""Near-duplicate search at 10k to 1M hashes: clothcli's multi-index hashing against all pairs.
+
+Two kinds of 256-bit difference hashes, each with near copies planted (a copy of a hash with 0 to 14
+of its bits flipped, so some fall just past the 12-bit threshold):
+- uniform: random bits, the easy case (buckets of a substring's value stay small);
+- real: the difference hashes of the dataset's photos and of augmented variants of them (random crops
+  of 35-100% of the side, mirrored, brightness and contrast changed). Photos of one shop share the
+  background, so their hashes cluster: large buckets, the hard case.
+
+The hashes of each size are the first n of one pool, with their near copies planted among them. For
+each size: the time and peak traced memory (NumPy's allocations, via tracemalloc) of
+`data.duplicates.near_pairs`, the pairs and groups found, and up to `--check-upto` hashes the all-pairs
+search (`all_pairs`, a chunked matrix product) on the same hashes, with whether both found the same pairs.
+
+    python benchmarks/duplicate_search.py --data ../shared/datasets/clothing-dataset-small \\
+        --sizes 10000,100000,1000000 --json benchmarks/results/duplicate_search_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import ImageEnhance, ImageOps
+
+from clothcli.data.duplicates import NEAR_DUPLICATE_BITS, all_pairs, dhash, groups_of, near_pairs
+from clothcli.data.images import load_rgb
+
+
+def plant(bits: np.ndarray, rng: np.random.Generator, share: float = 0.05) -> np.ndarray:
+    """Overwrite `share` of the rows with near copies of other rows (0-14 bits flipped)."""
+    n = len(bits)
+    count = int(n * share)
+    sources, targets = rng.integers(0, n, count), rng.integers(0, n, count)
+    flips = rng.integers(0, bits.shape[1], (count, 14))
+    keep = rng.integers(0, 15, count)
+    rows = bits[sources].copy()
+    for j in range(14):  # flip the first keep[i] positions of each row (repeats cancel: at most 14 flipped)
+        chosen = keep > j
+        rows[chosen, flips[chosen, j]] ^= True
+    bits[targets] = rows
+    return bits
+
+
+def uniform_hashes(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2, (n, 256), dtype=np.uint8).astype(bool)
+
+
+def variants(path: Path, count: int, seed: int) -> list[np.ndarray]:
+    """The difference hashes of `count` augmented variants of one photo (the photo itself first)."""
+    rng = np.random.default_rng(seed)
+    image = load_rgb(path, min_size=128)
+    out = [dhash(image)]
+    width, height = image.size
+    for _ in range(count - 1):
+        side = rng.uniform(0.35, 1.0)
+        w, h = max(8, int(width * side)), max(8, int(height * side))
+        left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        crop = image.crop((left, top, left + w, top + h))
+        if rng.random() < 0.5:
+            crop = ImageOps.mirror(crop)
+        crop = ImageEnhance.Brightness(crop).enhance(rng.uniform(0.6, 1.4))
+        crop = ImageEnhance.Contrast(crop).enhance(rng.uniform(0.6, 1.4))
+        out.append(dhash(crop))
+    return out
+
+
+def real_hashes(data: Path, n: int, seed: int = 0, workers: int = 2) -> np.ndarray:
+    photos = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    per_photo = math.ceil(n / len(photos))
+    with ThreadPoolExecutor(workers) as pool:
+        found = pool.map(lambda item: variants(item[1], per_photo, seed + item[0]), enumerate(photos))
+        rows = [h for hashes in found for h in hashes]
+    return np.stack(rows)[np.random.default_rng(seed).permutation(len(rows))[:n]]
+
+
+def measure(bits: np.ndarray, check: bool) -> dict:
+    tracemalloc.start()
+    start = time.perf_counter()
+    pairs = near_pairs(bits, NEAR_DUPLICATE_BITS)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    groups = groups_of(len(bits), pairs)
+    row = {
+        "hashes": len(bits),
+        "index_s": round(seconds, 3),
+        "index_peak_mb": round(peak / 2**20, 1),
+        "pairs": len(pairs),
+        "groups": len(groups),
+        "images_in_groups": sum(len(g) for g in groups),
+    }
+    if check:
+        start = time.perf_counter()
+        reference = all_pairs(bits, NEAR_DUPLICATE_BITS)
+        row["all_pairs_s"] = round(time.perf_counter() - start, 3)
+        row["same_as_all_pairs"] = reference == pairs
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="a folder of photos for the real-distribution hashes")
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--check-upto", type=int, default=100_000, help="run all-pairs up to this many hashes")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--tiny", action="store_true", help="CI: small sizes, uniform and generated photos")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.tiny:
+        sizes, args.check_upto = [500, 2000], 2000
+    results = []
+    print("| hashes  | n         | index      | peak       | pairs     | groups   | all pairs | same pairs |")
+    kinds = ["uniform"] + (["real"] if args.data else [])
+    for kind in kinds:
+        pool = real_hashes(args.data, max(sizes)) if kind == "real" else uniform_hashes(max(sizes))
+        for n in sizes:
+            bits = plant(pool[:n].copy(), np.random.default_rng(n))  # near copies within this size
+            row = {"kind": kind, **measure(bits, n <= args.check_upto)}
+            results.append(row)
+            checked = "- | - |"
+            if "all_pairs_s" in row:
+                checked = f"{row['all_pairs_s']:>8.2f} s | {row['same_as_all_pairs']} |"
+            print(
+                f"| {kind:7} | {n:>9,} | {row['index_s']:>8.2f} s | {row['index_peak_mb']:>8.1f} MB | "
+                f"{row['pairs']:>9,} | {row['groups']:>8,} | {checked}",
+                flush=True,
+            )
+    host = {"machine": platform.processor() or platform.machine(), "python": platform.python_version()}
+    if args.json:
+        args.json.write_text(json.dumps({"host": host, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
