@@ -110,22 +110,24 @@ class PartReader:
     key: str
     offset: int = 0
     matches: bool | None = None  # None until the header line has been read
+    inode: int = -1
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def read(self) -> list[str]:
-        """Read the lines added since the last call; the paths of the rows that were new. A part its owner started
-        again (shorter than what was read) is read again from its start."""
+        """Read the lines added since the last call; the paths of the rows that were new. A part its owner
+        started again (a new file in its place) is read again from its start."""
         try:
-            size = self.path.stat().st_size
+            fh = open(self.path, "rb")  # noqa: SIM115
         except FileNotFoundError:
             return []
-        if size < self.offset:
-            self.offset, self.matches, self.rows = 0, None, {}
-        if size == self.offset:
-            return []
-        with open(self.path, "rb") as fh:
+        with fh:
+            info = os.fstat(fh.fileno())  # of the file opened: one replaced after this is read next time
+            if info.st_ino != self.inode or info.st_size < self.offset:
+                self.offset, self.matches, self.rows, self.inode = 0, None, {}, info.st_ino
+            if info.st_size == self.offset:
+                return []
             fh.seek(self.offset)
-            data = fh.read(size - self.offset)
+            data = fh.read(info.st_size - self.offset)
         complete = data[: data.rfind(b"\n") + 1]
         self.offset += len(complete)
         new = []
@@ -175,11 +177,11 @@ class PartWriter:
             data = self.path.read_bytes()
             with open(self.path, "r+b") as fh:  # a row a kill cut short is removed
                 fh.truncate(data.rfind(b"\n") + 1)
-        self.fh = open(self.path, "a" if keep else "w", encoding="utf-8")  # noqa: SIM115
-        if not keep:
+        if not keep:  # a new file in the part's place, never the old one rewritten under a reader
             header = {"clothcli_part": PART_VERSION, "key": key, "rank": shard.rank, "world": shard.world}
-            self.fh.write(json.dumps(header) + "\n")
-            self.fh.flush()
+            with atomic_path(self.path) as staged:
+                staged.write_text(json.dumps(header) + "\n", encoding="utf-8")
+        self.fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, p: Prediction) -> None:
         self.fh.write(prediction_record(p) + "\n")
