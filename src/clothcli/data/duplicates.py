@@ -134,11 +134,15 @@ def near_pairs(bits: np.ndarray, max_bits: int) -> list[tuple[int, int]]:
     Multi-index hashing (Norouzi et al. 2012): the bits are cut into `max_bits + 1` substrings, and a pair
     that differs in at most `max_bits` bits agrees exactly on at least one of them (pigeonhole). So the
     candidates are the pairs that share a substring's value, found by sorting each substring's values, and
-    each is then checked exactly. The work grows with the number of candidates, about n log n for hashes
+    each is then checked exactly (the bits are shuffled first, by a fixed permutation). The work grows with the number of candidates, about n log n for hashes
     that are spread out, instead of n^2 for comparing every pair."""
     n, n_bits = bits.shape
     if n < 2:
         return []
+    # neighbouring bits of a difference hash agree on flat backgrounds, so contiguous substrings of
+    # real photos' hashes take a few values very often (huge buckets); substrings of bits drawn from all
+    # over the hash are spread out. Any partition keeps the pigeonhole guarantee.
+    bits = bits[:, np.random.default_rng(0).permutation(n_bits)]
     packed = np.packbits(bits.astype(bool), axis=1)
     bounds = np.linspace(0, n_bits, min(max_bits + 1, n_bits) + 1).astype(int)
     signs = None
