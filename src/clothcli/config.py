@@ -176,6 +176,9 @@ class TrainConfig:
     imbalance: Literal["none", "sampler", "loss"] = "none"
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "auto"
     channels_last: bool | None = None
+    # written by train where `auto` was decided by timing on a CPU (the candidates' images/s, the margin):
+    # a record in the run's config.yaml, not a setting
+    measured_format: dict[str, Any] | None = None
     # torch.compile backend for the model (e.g. inductor), none = eager; compile time is reported apart
     compile: str | None = None
     seed: int = 42

@@ -7,6 +7,7 @@ and the error for a missing GPU are decided in one place.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,17 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_description() -> str:
+    """This CPU in the terms its speed depends on: model name, cores, and the vector instructions
+    (a speed measured on one host kind is not reused on another)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "sve")
+    return f"{_cpu_name()} x{os.cpu_count()} " + ",".join(f for f in wanted if f in flags)
 
 
 def resolve_precision(requested: str, device_type: str) -> str:

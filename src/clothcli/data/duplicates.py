@@ -134,8 +134,9 @@ def near_pairs(bits: np.ndarray, max_bits: int) -> list[tuple[int, int]]:
     Multi-index hashing (Norouzi et al. 2012): the bits are cut into `max_bits + 1` substrings, and a pair
     that differs in at most `max_bits` bits agrees exactly on at least one of them (pigeonhole). So the
     candidates are the pairs that share a substring's value, found by sorting each substring's values, and
-    each is then checked exactly (the bits are shuffled first, by a fixed permutation). The work grows with the number of candidates, about n log n for hashes
-    that are spread out, instead of n^2 for comparing every pair."""
+    each is then checked exactly (the bits are shuffled first, by a fixed permutation). The work grows
+    with the number of candidates, about n log n for hashes that are spread out, instead of n^2 for
+    comparing every pair."""
     n, n_bits = bits.shape
     if n < 2:
         return []

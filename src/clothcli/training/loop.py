@@ -32,8 +32,10 @@ from clothcli.data.sources import Source, dataset_root, split_rows
 from clothcli.data.splits import SPLITS_FILE, splits_csv
 from clothcli.io_utils import atomic_write_text
 from clothcli.models.checkpoint import save_checkpoint
-from clothcli.runtime import describe_hardware, plain_model
+from clothcli.runtime import describe_hardware, plain_model, resolve_device
 from clothcli.training.distill import teacher_seconds
+from clothcli.training.format_choice import cache_path as format_cache_path
+from clothcli.training.format_choice import resolve_auto_format
 from clothcli.training.run_folder import (
     CONFIG_FILE,
     TrainerState,
@@ -86,6 +88,13 @@ def train(
     if point is not None:
         cfg = point.config
     assert cfg is not None, "train() needs a config or a run to resume"
+    if point is None:  # a resumed run's config holds the choice made when it started
+        cfg, choice = resolve_auto_format(cfg, resolve_device().type)
+        if choice is not None:
+            speeds = ", ".join(f"{label} {speed:.0f}" for label, speed in choice.images_per_s.items())
+            where = "measured before on this host" if choice.cached else "measured now on this host"
+            reporter.message(f"precision and memory format: {choice.chosen.label} ({choice.reason}; images/s {speeds}, "
+                             f"{where}: {format_cache_path()})")  # fmt: skip
     setup = prepare(cfg, reporter)
     accelerator = setup.accelerator
     if not accelerator.is_main_process:
