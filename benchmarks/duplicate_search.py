@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="a folder of photos for the real-distribution hashes")
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--check-upto", type=int, default=100_000, help="run all-pairs up to this many hashes")
+    parser.add_argument("--pool", type=Path, help="keep the real-distribution hashes in this .npy for reruns")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tiny", action="store_true", help="CI: small sizes, uniform and generated photos")
     args = parser.parse_args()
@@ -120,7 +121,14 @@ def main() -> None:
     print("| hashes  | n         | index      | peak       | pairs     | groups   | all pairs | same pairs |")
     kinds = ["uniform"] + (["real"] if args.data else [])
     for kind in kinds:
-        pool = real_hashes(args.data, max(sizes)) if kind == "real" else uniform_hashes(max(sizes))
+        if kind == "real" and args.pool and args.pool.is_file() and len(np.load(args.pool)) >= max(sizes):
+            pool = np.load(args.pool)
+        elif kind == "real":
+            pool = real_hashes(args.data, max(sizes))
+            if args.pool:
+                np.save(args.pool, pool)
+        else:
+            pool = uniform_hashes(max(sizes))
         for n in sizes:
             bits = plant(pool[:n].copy(), np.random.default_rng(n))  # near copies within this size
             row = {"kind": kind, **measure(bits, n <= args.check_upto)}

@@ -85,10 +85,10 @@ DENSE_BUCKET = 2048  # a bucket this large is checked by one matrix product inst
 PAIR_CHUNK = 1 << 20
 
 
-def _dense_pairs(signs: np.ndarray, members: np.ndarray, max_bits: int, chunk: int = 1024) -> np.ndarray:
+def _dense_pairs(bits: np.ndarray, members: np.ndarray, max_bits: int, chunk: int = 1024) -> np.ndarray:
     """All pairs (i < j) of `members` within `max_bits`: with bits as +-1, Hamming distance = (n_bits - a.b)/2,
     so a chunked matrix product compares every pair of a large bucket at BLAS speed."""
-    block = signs[members]
+    block = bits[members].astype(np.float32) * 2 - 1
     found = []
     for start in range(0, len(members), chunk):
         distance = (block.shape[1] - block[start : start + chunk] @ block.T) / 2
@@ -143,21 +143,19 @@ def near_pairs(bits: np.ndarray, max_bits: int) -> list[tuple[int, int]]:
     # neighbouring bits of a difference hash agree on flat backgrounds, so contiguous substrings of
     # real photos' hashes take a few values very often (huge buckets); substrings of bits drawn from all
     # over the hash are spread out. Any partition keeps the pigeonhole guarantee.
-    bits = bits[:, np.random.default_rng(0).permutation(n_bits)]
+    shuffled = np.random.default_rng(0).permutation(n_bits)
     packed = np.packbits(bits.astype(bool), axis=1)
     bounds = np.linspace(0, n_bits, min(max_bits + 1, n_bits) + 1).astype(int)
-    signs = None
     codes = []
     for lo, hi in itertools.pairwise(bounds):
-        keys = bits[:, lo:hi].astype(np.int64) @ (np.int64(1) << np.arange(hi - lo, dtype=np.int64))
+        keys = bits[:, shuffled[lo:hi]].astype(np.int64) @ (np.int64(1) << np.arange(hi - lo, dtype=np.int64))
         candidates, large = _bucket_pairs(keys)
         for start in range(0, len(candidates), PAIR_CHUNK):
             a, b = candidates[start : start + PAIR_CHUNK].T
             distance = _BYTE_BITS[packed[a] ^ packed[b]].sum(1)
             codes.append(a[distance <= max_bits] * n + b[distance <= max_bits])
         for members in large:
-            signs = bits.astype(np.float32) * 2 - 1 if signs is None else signs
-            found = _dense_pairs(signs, np.sort(members), max_bits)
+            found = _dense_pairs(bits, np.sort(members), max_bits)
             codes.append(found[:, 0] * n + found[:, 1])
     unique = np.unique(np.concatenate(codes)) if codes else np.zeros(0, dtype=np.int64)
     return [(int(code // n), int(code % n)) for code in unique]
@@ -165,8 +163,7 @@ def near_pairs(bits: np.ndarray, max_bits: int) -> list[tuple[int, int]]:
 
 def all_pairs(bits: np.ndarray, max_bits: int) -> list[tuple[int, int]]:
     """Every pair within `max_bits` by comparing all n^2 pairs: the reference `near_pairs` is checked against."""
-    signs = bits.astype(np.float32) * 2 - 1
-    found = _dense_pairs(signs, np.arange(len(bits)), max_bits)
+    found = _dense_pairs(bits, np.arange(len(bits)), max_bits)
     return sorted((int(a), int(b)) for a, b in found)
 
 
