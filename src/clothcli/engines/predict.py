@@ -99,22 +99,23 @@ class PredictSummary:
 
 def gather_inputs(
     inputs: list[str], recursive: bool, from_list: Path | None, list_root: Path | None
-) -> tuple[list[Path], list[str]]:
-    """The files to classify, in a fixed order (folders and patterns sorted, then the list's own order), and
-    the list entries refused."""
+) -> tuple[list[str], list[str]]:
+    """The files to classify as path strings, in a fixed order (folders and patterns sorted, then the
+    list's own order), and the list entries refused. Strings until the images already done are left out:
+    a million Path objects take seconds to make."""
     if list_root is not None and from_list is None:
         raise UserError("--list-root applies to --from-list")
-    files: list[Path] = []
+    files: list[str] = []
     if inputs:
         found = collect_inputs(inputs, recursive)
         if found.missing:
             raise UserError(f"not found: {', '.join(found.missing)}")
-        files = found.files
+        files = [str(f) for f in found.files]
     refused: list[str] = []
     if from_list is not None:
         listed = read_input_list(from_list, list_root)
-        known = {str(f) for f in files}
-        files = files + [f for f in listed.files if str(f) not in known]
+        known = set(files)
+        files = files + [f for f in listed.files if f not in known]
         refused = [f"{from_list}: {line}" for line in listed.refused]
     if not files:
         named = ", ".join([*inputs, *([str(from_list)] if from_list else [])])
@@ -170,9 +171,9 @@ def run_predict(
     summary = PredictSummary(refused=refused, shard=shard)
     start = time.perf_counter()
 
-    def classify(todo: list[Path], write: Callable[[Prediction], None]) -> None:
+    def classify(todo: list[str], write: Callable[[Prediction], None]) -> None:
         options = {"batch_size": batch_size, "workers": workers, "top_k": top_k, "min_confidence": rejector}
-        predictions = predict_files(classifier, todo, **options) if todo else ()
+        predictions = predict_files(classifier, [Path(f) for f in todo], **options) if todo else ()
         for p in predictions:
             summary.count(p)
             write(p)
@@ -191,8 +192,8 @@ def run_predict(
         writer = ResultWriter(output, top_k, resume) if output else None
         try:
             if writer is not None and writer.done:
-                summary.already_done = sum(str(f) in writer.done for f in files)
-                files = [f for f in files if str(f) not in writer.done]
+                summary.already_done = sum(f in writer.done for f in files)
+                files = [f for f in files if f not in writer.done]
             classify(files, writer.write if writer else lambda p: None)
         finally:
             if writer:
@@ -204,10 +205,10 @@ def run_predict(
 
 def _sharded(
     summary: PredictSummary,
-    classify: Callable[[list[Path], Callable[[Prediction], None]], None],
+    classify: Callable[[list[str], Callable[[Prediction], None]], None],
     *,
     output: Path,
-    files: list[Path],
+    files: list[str],
     key: str,
     resume: bool,
     top_k: int,
@@ -223,8 +224,8 @@ def _sharded(
         if header != result_header(top_k):
             raise UserError(f"{output}: written by an older clothcli; continue it with one process")
     done = set(earlier) | set(rows_in_parts(output, key, resume)) if resume else set()
-    summary.already_done = sum(str(files[i]) in done for i in shard.positions(len(files)))
-    mine = [files[i] for i in shard.positions(len(files)) if str(files[i]) not in done]
+    summary.already_done = sum(files[i] in done for i in shard.positions(len(files)))
+    mine = [files[i] for i in shard.positions(len(files)) if files[i] not in done]
     part = PartWriter(output, shard, key, resume)
     summary.part = part.path
     try:

@@ -32,7 +32,7 @@ class ResultWriter:
         if appending:
             if self.kind == "json":
                 raise UserError("--resume needs a .csv or .jsonl output (a JSON array cut short cannot be continued)")
-            self.header, self.done = completed_rows(path, self.kind, self.header, truncate=True)
+            self.header, self.done = completed_rows(path, self.kind, self.header, truncate=True, texts=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fh: TextIO = open(path, "a" if appending else "w", encoding="utf-8", newline="")  # noqa: SIM115
         self.count = 0
@@ -99,28 +99,35 @@ def csv_line(row: list[Any]) -> str:
 
 
 def completed_rows(
-    path: Path, kind: str, header: list[str], truncate: bool = False
+    path: Path, kind: str, header: list[str], truncate: bool = False, texts: bool = True
 ) -> tuple[list[str], dict[str, str]]:
-    """The header and complete rows (path -> text) of an output file written by clothcli. A last row that a
-    kill cut short is not read, and with `truncate` (the writer that continues the file) removed, so the
-    file holds exactly the rows an uninterrupted run wrote first."""
+    """The header and complete rows (path -> text, or "" without `texts`: rendering a million rows again
+    takes seconds) of an output file written by clothcli. A last row that a kill cut short is not read,
+    and with `truncate` (the writer that continues the file) removed, so the file holds exactly the rows
+    an uninterrupted run wrote first."""
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
     if truncate and len(complete) != len(data):
         with open(path, "r+b") as fh:
             fh.truncate(len(complete))
-    lines = complete.decode("utf-8").splitlines()
+    text = complete.decode("utf-8")
+    lines = text.splitlines()
     if kind == "jsonl":
         try:
-            return header, {json.loads(line)["path"]: line for line in lines}
+            return header, {json.loads(line)["path"]: line if texts else "" for line in lines}
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{path}: not a clothcli JSONL file, cannot --resume into it") from None
-    rows = list(csv.reader(lines))
+    if not texts and lines and '"' not in text:
+        # nothing quoted, so no field holds a comma or a line break: the path is what precedes the first comma
+        first = next(csv.reader(lines[:1]))
+        rows = [first] + [[line.partition(",")[0]] for line in lines[1:]]
+    else:
+        rows = list(csv.reader(lines))
     if rows and rows[0] == header[: -len(LATER_COLUMNS)]:
         header = rows[0]  # written before those columns existed: continued with the columns it has
     if not rows or rows[0] != header:
         raise UserError(f"{path}: its columns differ from this command's (another --top-k?); cannot --resume into it")
-    return header, {row[0]: csv_line(row) for row in rows[1:] if row}
+    return header, {row[0]: csv_line(row) if texts else "" for row in rows[1:] if row}
 
 
 def sort_file(p: Prediction, root: Path, folders: dict[str, str], move: bool) -> Path | None:

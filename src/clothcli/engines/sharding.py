@@ -73,7 +73,7 @@ def part_path(output: Path, rank: int) -> Path:
     return parts_dir(output) / f"part-{rank:05d}.jsonl"
 
 
-def command_key(model: str | Path, files: list[Path], options: dict[str, Any]) -> str:
+def command_key(model: str | Path, files: list[str], options: dict[str, Any]) -> str:
     """What a part's rows depend on: the model's files (path, size, modification time), the options and
     the list. Parts of another command are never mixed into an output."""
     digest = hashlib.sha256()
@@ -83,8 +83,7 @@ def command_key(model: str | Path, files: list[Path], options: dict[str, Any]) -
             info = path.stat()
             digest.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     digest.update(json.dumps(options, sort_keys=True, default=str).encode())
-    for path in files:
-        digest.update(str(path).encode() + b"\n")
+    digest.update("\n".join(files).encode())
     return digest.hexdigest()
 
 
@@ -202,12 +201,12 @@ def _has_key(path: Path, key: str) -> bool:
 
 
 def wait_for_parts(
-    *, output: Path, key: str, files: list[Path], already: set[str], wait_s: float, world: int
+    *, output: Path, key: str, files: list[str], already: set[str], wait_s: float, world: int
 ) -> dict[str, dict[str, Any]]:
     """The parts' rows once every file not in `already` has one; a UserError after `wait_s` seconds in
     which no part grew."""
     readers = part_readers(output, key)
-    needed = {str(f) for f in files} - already
+    needed = set(files) - already
     last_growth = time.monotonic()
     while True:
         for path in sorted(parts_dir(output).glob("part-*.jsonl")):
@@ -222,7 +221,7 @@ def wait_for_parts(
             found: dict[str, dict[str, Any]] = {}
             for reader in readers.values():
                 found.update(reader.rows)
-            needed = {str(f) for f in files} - already - found.keys()
+            needed = set(files) - already - found.keys()
             if not needed:
                 return found
         if time.monotonic() - last_growth > wait_s:
@@ -245,7 +244,7 @@ def merge_output(
     *,
     writer: Callable[[Path], Any],
     output: Path,
-    files: list[Path],
+    files: list[str],
     earlier: dict[str, str],
     parts: dict[str, dict[str, Any]],
 ) -> int:
@@ -256,8 +255,7 @@ def merge_output(
     with atomic_path(output) as staged:
         out = writer(staged)
         try:
-            for path in files:
-                key = str(path)
+            for key in files:
                 if key in earlier:
                     out.emit(earlier[key])
                 elif key in parts:
