@@ -135,7 +135,7 @@ def read_input_list(path: str | Path, root: str | Path | None = None) -> ListedI
             shown = os.path.normpath(os.path.join(given, entry))  # as the user names it: relative stays relative
             full = os.path.normpath(os.path.join(base, entry))
             if not full.startswith(inside):
-                out.refused.append(f"{'line' if textual else 'row'} {number}: {entry} is outside {given}")
+                out.refused.append(f"{'line' if textual else 'row'} {number}: {entry} is outside {base}")
                 continue
         if full not in seen:
             seen.add(full)
