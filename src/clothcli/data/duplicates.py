@@ -88,6 +88,8 @@ def _hamming(packed: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if hasattr(np, "bitwise_count") and packed.dtype == np.uint64:
         return np.bitwise_count(packed[a] ^ packed[b]).sum(1, dtype=np.int64)
     return _BYTE_BITS[packed[a] ^ packed[b]].sum(1)
+
+
 DENSE_BUCKET = 2048  # a bucket this large is checked by one matrix product instead of pair by pair
 PAIR_CHUNK = 1 << 20
 
