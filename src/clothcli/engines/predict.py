@@ -218,8 +218,6 @@ def _sharded(
     shard, kind = summary.shard, output_kind(output)
     earlier: dict[str, str] = {}
     if resume and output.is_file() and output.stat().st_size:
-        if kind == "json":
-            raise UserError("--resume needs a .csv or .jsonl output (a JSON array cut short cannot be continued)")
         header, earlier = completed_rows(output, kind, result_header(top_k))
         if header != result_header(top_k):
             raise UserError(f"{output}: written by an older clothcli; continue it with one process")

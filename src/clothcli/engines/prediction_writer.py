@@ -30,8 +30,6 @@ class ResultWriter:
         self.done: dict[str, str] = {}
         appending = resume and path.is_file() and path.stat().st_size > 0
         if appending:
-            if self.kind == "json":
-                raise UserError("--resume needs a .csv or .jsonl output (a JSON array cut short cannot be continued)")
             self.header, self.done = completed_rows(path, self.kind, self.header, truncate=True, texts=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fh: TextIO = open(path, "a" if appending else "w", encoding="utf-8", newline="")  # noqa: SIM115
@@ -105,6 +103,8 @@ def completed_rows(
     takes seconds) of an output file written by clothcli. A last row that a kill cut short is not read,
     and with `truncate` (the writer that continues the file) removed, so the file holds exactly the rows
     an uninterrupted run wrote first."""
+    if kind == "json":
+        raise UserError("--resume needs a .csv or .jsonl output (a JSON array cut short cannot be continued)")
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
     if truncate and len(complete) != len(data):
