@@ -200,3 +200,12 @@ def test_sharded_benchmark_runs_small(onnx_model, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["sharded"]["identical_output"] and result["resume"]["rows_after"] == 3000
+
+
+def test_a_json_array_is_never_resumed(onnx_model, tmp_path):
+    model, data = onnx_model
+    out = tmp_path / "o.json"
+    one_process(model, data, out)
+    for shard in (Shard(), Shard(0, 2)):
+        with pytest.raises(UserError, match="needs a .csv or .jsonl output"):
+            run_predict(model=model, inputs=[str(data)], output=out, resume=True, shard=shard)
