@@ -175,7 +175,7 @@ def test_validation_is_carved_out_of_a_train_only_dataset_when_asked(tmp_path):
     assert data.is_dir()
 
 
-def test_a_parquet_label_file_and_one_with_images_inside(tmp_path):
+def test_a_parquet_label_file_with_paths(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
@@ -190,10 +190,97 @@ def test_a_parquet_label_file_and_one_with_images_inside(tmp_path):
     cfg = DataConfig(path_column="file", label_column="category", split_column="fold")
     source = open_dataset(data / "labels.parquet", cfg)
     assert len(source.index.splits["test"].samples) == 12 and source.plan is None  # the file's own split
-    inside = pa.table({"image": [p.read_bytes() for p in files[:3]], "label": ["red"] * 3})
-    pq.write_table(inside, data / "inside.parquet")
-    with pytest.raises(UserError, match="stored inside the file"):
-        open_dataset(data / "inside.parquet")
     (data / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(UserError, match="not a readable Parquet file"):
         open_dataset(data / "broken.parquet")
+
+
+def hugging_face_parquet(path: Path, photos: Path, extra_rows: list[tuple[bytes | None, int]]) -> list[Path]:
+    """A Parquet file laid out as Hugging Face `datasets` exports one: an Image column (a struct of bytes
+    and the original file name) and a ClassLabel column (integers, their names in the schema metadata)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = sorted(COLORS)
+    files = sorted(photos.rglob("*.jpg"))
+    images = [{"bytes": f.read_bytes(), "path": f.name} for f in files] + [
+        {"bytes": data, "path": "extra.jpg"} for data, _ in extra_rows
+    ]
+    labels = [names.index(f.parent.name) for f in files] + [label for _, label in extra_rows]
+    features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+    table = pa.table({"image": images, "label": labels})
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    pq.write_table(table, path, row_group_size=16)
+    return files
+
+
+def test_a_parquet_file_with_its_images_inside_is_a_dataset_for_every_command(tmp_path):
+    pytest.importorskip("pyarrow")
+    photos = unsplit(tmp_path / "photos")
+    data = tmp_path / "hf" / "train.parquet"
+    data.parent.mkdir()
+    files = hugging_face_parquet(data, photos, [(None, 0), (b"not an image", 1), (b"x", 7)])
+    source = open_dataset(data)
+    assert source.index.classes == sorted(COLORS)
+    assert [line.split(": ", 1)[0] for line in source.bad_rows] == ["row 61", "row 63"]
+    assert "no image bytes" in source.bad_rows[0] and "class number 7 is not one of 3" in source.bad_rows[1]
+    ids = {str(p) for split in source.index.splits.values() for p in split.paths}
+    assert str(data) + "#1" in ids and len(ids) == 61  # 60 photos and the undecodable row
+    # the split groups a photo stored twice, as it groups files
+    twice = tmp_path / "twice" / "train.parquet"
+    twice.parent.mkdir()
+    hugging_face_parquet(twice, photos, [(files[0].read_bytes(), sorted(COLORS).index(files[0].parent.name))])
+    plan = open_dataset(twice).plan
+    assert len({a.split for a in plan.assignments if str(a.path).endswith(("#1", "#61"))}) == 1
+    assert plan.groups_kept_together == 1
+
+    run = train(tiny_cfg(data, tmp_path / "runs")).run_dir
+    split = read_split(run / "splits.csv")
+    assert "train.parquet#1" in split and len(split) == 61
+    tested = [k for k, v in split.items() if v == "test"]
+    errors = tmp_path / "errors.csv"
+    result = runner.invoke(app, ["evaluate", str(run), str(data), "--split", "test", "--errors", str(errors)])
+    assert result.exit_code == 0, result.output
+    with open(errors, newline="") as fh:
+        assert all(Path(row["path"]).name in tested for row in csv.DictReader(fh))
+    predictions = tmp_path / "predictions.csv"
+    result = runner.invoke(app, ["predict", str(run), "--from-list", str(data), "-o", str(predictions)])
+    assert result.exit_code == 0, result.output
+    with open(predictions, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 63 and rows[0]["path"].endswith("train.parquet#1") and rows[0]["label"] in COLORS
+    assert rows[60]["error"] == "no image bytes in this row" and "not an image" in rows[61]["error"]
+    refused = runner.invoke(app, ["predict", str(run), "--from-list", str(data), "--copy-to", str(tmp_path / "s")])
+    assert refused.exit_code == 2 and "inside a Parquet file" in refused.output
+    compared = runner.invoke(app, ["compare", str(run), str(run), "--data", str(data), "--no-latency"])
+    assert compared.exit_code == 0, compared.output
+    report = tmp_path / "report.html"
+    result = runner.invoke(app, ["report", str(run), str(data), "-o", str(report)])
+    assert result.exit_code == 0 and "audit" in result.output, result.output
+    assert "data:image/jpeg;base64," in report.read_text()
+    # a label file naming stored images by id: rows past the file's end are bad rows
+    listed = data.parent / "listed.csv"
+    listed.write_text("path,label\ntrain.parquet#2,red\ntrain.parquet#999,red\nother.parquet#1,red\n")
+    source = open_dataset(listed, DataConfig(split=SplitConfig(validation=0, test=0)))
+    assert len(source.index.splits["train"].samples) == 1
+    assert "the file has 63 rows" in source.bad_rows[0] and "no such regular file" in source.bad_rows[1]
+
+
+def test_the_image_column_is_named_when_a_file_has_several(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    photos = unsplit(tmp_path / "photos", per_class=MIN_GROUPS)
+    files = sorted(photos.rglob("*.jpg"))
+    table = pa.table({
+        "photo": [f.read_bytes() for f in files],
+        "mask": [b"" for _ in files],
+        "label": [f.parent.name for f in files],
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "two.parquet")
+    with pytest.raises(UserError, match="several image columns"):
+        open_dataset(tmp_path / "two.parquet")
+    source = open_dataset(tmp_path / "two.parquet", DataConfig(image_column="photo"))
+    assert sum(len(s.samples) for s in source.index.splits.values()) == len(files) and not source.bad_rows

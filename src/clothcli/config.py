@@ -65,6 +65,8 @@ class DataConfig:
     path_column: str = "path"
     label_column: str = "label"
     split_column: str = "split"
+    # a Parquet file with its images inside (Hugging Face's layout): the column holding them
+    image_column: str = "image"
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clothcli.data.images import ImageReadError, load_rgb, read_info
+from clothcli.data.images import ImageReadError, load_rgb, read_image_bytes, read_info
 from clothcli.data.loading import ResizeShortSide
 from clothcli.io_utils import atomic_path
 
@@ -113,8 +113,8 @@ def content_key(paths: Sequence[Path], short_side: int, interpolation: str) -> s
     digest = hashlib.sha256(f"v{CACHE_VERSION}:{short_side}:{interpolation}:{len(paths)}".encode())
     for path in paths:
         try:
-            data = Path(path).read_bytes()
-        except OSError:
+            data = read_image_bytes(path)
+        except (OSError, ImageReadError):
             data = b"<unreadable>"
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(hashlib.sha256(data).digest())

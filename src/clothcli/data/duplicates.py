@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clothcli.data.images import ImageReadError, load_rgb, read_info
+from clothcli.data.images import ImageReadError, load_rgb, read_image_bytes, read_info
 
 HASH_SIDE = 16  # dHash grid: 16x16 = 256 bits
 # Hamming distance (of 256 bits) that counts as "near". Calibrated on clothing-dataset-small:
@@ -62,7 +62,10 @@ def _tail_looks_truncated(data: bytes, fmt: str) -> bool:
 
 def inspect_file(path: Path, split: str, label: str, deep: bool = False) -> FileAudit:
     """Header, hashes and an end-marker check (full decode with `deep`) for one file."""
-    data = path.read_bytes()
+    try:
+        data = read_image_bytes(path)
+    except ImageReadError as exc:  # an embedded image whose row holds no bytes
+        return FileAudit(path=path, split=split, label=label, size_bytes=0, error=str(exc))
     report = FileAudit(path=path, split=split, label=label, size_bytes=len(data))
     report.sha256 = hashlib.sha256(data).hexdigest()
     try:

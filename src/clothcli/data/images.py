@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import os
 import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clothcli.data import embedded
 
 # PIL only warns between MAX_IMAGE_PIXELS and twice that; we treat both as a decompression bomb.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -38,8 +41,29 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def read_image_bytes(path: str | Path) -> bytes:
+    """The bytes of an image file, or of an image stored inside a Parquet file (`data.embedded`)."""
+    if embedded.is_embedded(path):
+        try:
+            return embedded.read_bytes(path)
+        except embedded.EmbeddedReadError as exc:
+            raise ImageReadError(str(exc)) from None
+    return Path(path).read_bytes()
+
+
+def image_stamp(path: str | Path) -> tuple[int, int]:
+    """(size, modification time) of an image file, or of the Parquet file an embedded image is in."""
+    if embedded.is_embedded(path):
+        return embedded.stamp(path)
+    info = os.stat(path)
+    return info.st_size, info.st_mtime_ns
+
+
 def _open(source: Path | bytes) -> Image.Image:
-    """The image header opened (pixels not decoded yet): a file, or the bytes of one (an upload)."""
+    """The image header opened (pixels not decoded yet): a file, the bytes of one (an upload), or an
+    image inside a Parquet file."""
+    if isinstance(source, Path) and embedded.is_embedded(source):
+        source = read_image_bytes(source)
     if isinstance(source, bytes):
         if not source:
             raise ImageReadError("empty file (0 bytes)")

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clothcli.data.embedded import stored_image_ids
 from clothcli.data.layout import is_hidden, is_image_name
 from clothcli.errors import UserError
 
@@ -99,6 +100,8 @@ def _list_entries(path: Path) -> list[str]:
         except UnicodeDecodeError:
             raise UserError(f"{path}: not a UTF-8 text list of paths") from None
         return [line.strip() for line in text.splitlines()]
+    if path.suffix.lower() == ".parquet" and (ids := stored_image_ids(path, LIST_PATH_COLUMN)) is not None:
+        return ids
     rows = read_rows(path)
     if rows and "__bad__" not in rows[0] and LIST_PATH_COLUMN not in rows[0]:
         raise UserError(f"{path}: no '{LIST_PATH_COLUMN}' column; columns: {', '.join(rows[0])}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from clothcli.config import DataConfig
+from clothcli.data import embedded
 from clothcli.data.layout import (
     SPLIT_NAMES,
     DatasetIndex,
@@ -40,7 +41,6 @@ from clothcli.io_utils import atomic_write_text
 from clothcli.names import check_class_names, name_problem
 
 LABEL_SUFFIXES = (".csv", ".jsonl", ".parquet")
-DATA_EXTRA = "pip install 'clothcli[data]'"
 SHOWN_BAD_ROWS = 20
 SPLIT_ALIASES = {alias: split for split, aliases in SPLIT_NAMES.items() for alias in aliases}
 
@@ -56,6 +56,12 @@ class Source:
 
 def is_label_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in LABEL_SUFFIXES
+
+
+def is_dataset(path: str | Path) -> bool:
+    """True when `path` is a folder, or a label file that exists: something `open_dataset` may read."""
+    path = Path(path)
+    return path.is_dir() or (is_label_file(path) and path.is_file())
 
 
 def _index(root: Path, assignments: list[Assignment], source: str) -> DatasetIndex:
@@ -107,34 +113,56 @@ def _carve_validation(index: DatasetIndex, cfg: DataConfig, workers: int) -> Sou
     return Source(index, plan)
 
 
-def _parquet_rows(path: Path) -> list[dict]:
-    """A Parquet file's rows as dicts (pyarrow), its binary columns (images stored inside) left out."""
+def _embedded_rows(path: Path, rows: list[dict], column: str, schema, cfg: DataConfig) -> list[dict]:
+    """Rows of a Parquet file whose images are inside it: each one's path is its image id
+    (`data.embedded`), a Hugging Face ClassLabel's integers become their names, and a row without image
+    bytes or with a class number out of range is `__bad__`."""
+    embedded.remember_column(path, column)
+    _, pq = embedded.pyarrow_modules()
+    import pyarrow.compute as pc
+
+    stored = pq.read_table(path, columns=[column], memory_map=True).column(column)
+    if embedded.pyarrow_modules()[0].types.is_struct(stored.type):
+        stored = pc.struct_field(stored, "bytes")
+    lengths = pc.fill_null(pc.binary_length(stored), 0).to_pylist()
+    names = embedded.class_names(schema, cfg.label_column, path)
+    for number, (row, length) in enumerate(zip(rows, lengths), 1):
+        label = row.get(cfg.label_column)
+        row[cfg.path_column] = embedded.embedded_id(path.name, number)
+        if not length:
+            rows[number - 1] = {"__bad__": f"row {number}: no image bytes"}
+        elif names is not None and isinstance(label, int):
+            if not 0 <= label < len(names):
+                rows[number - 1] = {"__bad__": f"row {number}: class number {label} is not one of {len(names)}"}
+            else:
+                row[cfg.label_column] = names[label]
+    return rows
+
+
+def _parquet_rows(path: Path, cfg: DataConfig) -> list[dict]:
+    """A Parquet file's rows as dicts (pyarrow): its text and number columns; where it has no path column
+    but an image column, the images inside it (`_embedded_rows`)."""
+    pa, pq = embedded.pyarrow_modules()
     try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise UserError(f"reading a .parquet label file needs pyarrow: {DATA_EXTRA}") from None
-    try:
-        table = pyarrow.parquet.read_table(path)
-    except Exception as exc:  # pyarrow's ArrowInvalid, OSError ...
+        schema = pq.read_schema(path)
+        stored = embedded.image_columns(schema)
+        table = pq.read_table(path, columns=[name for name in schema.names if name not in stored])
+    except (OSError, pa.ArrowException) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise UserError(f"{path}: not a readable Parquet file ({reason})") from None
-    textual = [f.name for f in table.schema if not pyarrow.types.is_binary(f.type) and
-               not pyarrow.types.is_large_binary(f.type) and not pyarrow.types.is_struct(f.type)]  # fmt: skip
-    if len(textual) < len(table.schema) and "path" not in textual:
-        raise UserError(
-            f"{path}: its images are stored inside the file; clothcli reads Parquet label files with a path "
-            "column (images inside are not read)"
-        )
-    return table.select(textual).to_pylist()
+    rows = table.to_pylist() if table.num_columns else [{} for _ in range(table.num_rows)]
+    if cfg.path_column in schema.names:
+        return rows
+    column = embedded.choose_image_column(schema, cfg.image_column, path)
+    return rows if column is None else _embedded_rows(path, rows, column, schema, cfg)
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, cfg: DataConfig | None = None) -> list[dict]:
     """The rows of a .csv, .jsonl or .parquet file as dicts (a JSONL line that is not an object: `__bad__`)."""
     if not path.is_file():
         raise UserError(f"label file not found: {path}")
     if path.suffix.lower() == ".parquet":
-        return _parquet_rows(path)
+        return _parquet_rows(path, cfg or DataConfig())
     text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".csv":
         return list(csv.DictReader(text.splitlines()))
@@ -148,11 +176,25 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _embedded_problem(image: str, raw_path: str, row_counts: dict[str, int]) -> str | None:
+    """Why an image id (`file.parquet#N`) names no stored image, or None when it does."""
+    parquet, row = embedded.parse_id(image) or ("", 0)
+    if parquet not in row_counts:
+        try:
+            row_counts[parquet] = embedded.row_count(parquet) if os.path.isfile(parquet) else -1
+        except (OSError, ValueError):
+            row_counts[parquet] = -1
+    if row_counts[parquet] < 0:
+        return f"{raw_path}: no such regular file (nor a readable Parquet file to hold it)"
+    return None if row <= row_counts[parquet] else f"{raw_path}: the file has {row_counts[parquet]} rows"
+
+
 def _row_problem(
-    row: dict, folder: str, cfg: DataConfig, label_problems: dict[str, str | None]
+    row: dict, folder: str, cfg: DataConfig, label_problems: dict[str, str | None], row_counts: dict[str, int]
 ) -> tuple[Assignment | None, str]:
     """The row's image, label and split, or why it cannot be used. Strings, not Paths, and one stat per
-    row: a million rows index in seconds. `label_problems` caches the label rule per distinct label."""
+    row: a million rows index in seconds. `label_problems` caches the label rule per distinct label,
+    `row_counts` the rows of each Parquet file that embedded image ids name."""
     if "__bad__" in row:
         return None, row["__bad__"].split(": ", 1)[1]
     raw_path, label = str(row.get(cfg.path_column) or "").strip(), str(row.get(cfg.label_column) or "").strip()
@@ -171,9 +213,13 @@ def _row_problem(
         regular = stat.S_ISREG(os.stat(image).st_mode)
     except OSError:
         regular = False
-    if not regular:
+    if not regular and embedded.parse_id(image):
+        problem = _embedded_problem(image, raw_path, row_counts)
+        if problem:
+            return None, problem
+    elif not regular:
         return None, f"{raw_path}: no such regular file"
-    if not is_image_name(image):
+    elif not is_image_name(image):
         return None, f"{raw_path}: not an image extension"
     split_value = str(row.get(cfg.split_column) or "").strip().lower()
     if split_value and split_value not in SPLIT_ALIASES:
@@ -183,7 +229,7 @@ def _row_problem(
 
 def _label_file(path: Path, cfg: DataConfig, workers: int, folder: Path | None = None) -> Source:
     """A label file's rows (paths relative to `folder`, by default the file's own)."""
-    rows = read_rows(path)
+    rows = read_rows(path, cfg)
     folder = Path(os.path.abspath(folder or path.parent))
     if rows and "__bad__" not in rows[0]:
         header = rows[0].keys()
@@ -195,8 +241,9 @@ def _label_file(path: Path, cfg: DataConfig, workers: int, folder: Path | None =
     conflicted: set[Path] = set()
     bad: list[str] = []
     label_problems: dict[str, str | None] = {}
+    row_counts: dict[str, int] = {}
     for number, row in enumerate(rows, 2 if path.suffix.lower() == ".csv" else 1):  # CSV: the header is row 1
-        found, problem = _row_problem(row, str(folder), cfg, label_problems)
+        found, problem = _row_problem(row, str(folder), cfg, label_problems, row_counts)
         if found is None:
             bad.append(f"row {number}: {problem}")
         elif found.path not in kept:

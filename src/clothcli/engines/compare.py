@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from clothcli.backends import Classifier, load_classifier
+from clothcli.data.images import image_stamp
 from clothcli.data.layout import SplitIndex, class_difference
 from clothcli.engines.comparison import (
     Comparison,
@@ -57,8 +58,8 @@ def data_fingerprint(index: SplitIndex) -> str:
     removed, renamed or rewritten image changes it, without reading the images."""
     digest = hashlib.sha256()
     for path, target in sorted(index.samples):
-        stat = path.stat()
-        digest.update(f"{image_id(path, index.directory)}\0{target}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        size, mtime_ns = image_stamp(path)
+        digest.update(f"{image_id(path, index.directory)}\0{target}\0{size}\0{mtime_ns}\n".encode())
     return digest.hexdigest()
 
 

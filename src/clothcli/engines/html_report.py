@@ -176,14 +176,16 @@ def build_report(
         import jinja2
     except ImportError:
         raise UserError(f"report needs Jinja2: {REPORT_EXTRA}") from None
+    from clothcli.data.sources import is_dataset
+
     classifier, run = _open_model(Path(model))
     audit_data = Path(data) if data is not None else None
     if audit_data is not None:
-        if not audit_data.is_dir():
-            raise UserError(f"data folder not found: {audit_data}")
+        if not is_dataset(audit_data):
+            raise UserError(f"dataset not found: {audit_data} (a folder or a label file)")
         _check_data_classes(audit_data, list(classifier.classes))
     eval_data = audit_data or Path((classifier.meta.get("config") or {}).get("data", {}).get("root") or "")
-    if not str(eval_data) or not eval_data.is_dir():
+    if not str(eval_data) or not is_dataset(eval_data):
         raise UserError(f"the model's dataset is not at {eval_data or '(unrecorded)'}: give DATA")
     evaluation = evaluate_classifier(classifier, eval_data, split, batch_size=batch_size, workers=workers)
     history = read_history(run) if run is not None else []

@@ -17,6 +17,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from clothcli.backends import Classifier, load_classifier
+from clothcli.data.embedded import is_embedded
 from clothcli.data.inputs import collect_inputs, read_input_list
 from clothcli.engines.prediction_writer import ResultWriter, completed_rows, output_kind, result_header, sort_file
 from clothcli.engines.rejection import Rejector, rejector_for
@@ -163,6 +164,8 @@ def run_predict(
     if output is not None:
         output_kind(output)
     files, refused = gather_inputs(inputs, recursive, from_list, list_root)
+    if (copy_to or move_to) and any(map(is_embedded, files)):
+        raise UserError("--copy-to and --move-to sort image files; images stored inside a Parquet file are not copied")
     threads = shard.threads() if shard.world > 1 else None
     classifier = load_classifier(model, device=device, calibrated=calibrated, precision=precision, threads=threads)
     rejector = rejector_for(classifier, min_confidence)  # an impossible "auto" fails before any file is written
