@@ -120,3 +120,18 @@ def test_fix_split_bad_output_is_one_line(tmp_path):
     for out in (tmp_path / "full", root / "inside"):
         result = runner.invoke(app, ["analyze-data", str(root), "--fix-split", str(out)])
         assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_label_issues_in_a_label_file(tmp_path, backbone):
+    """The rows of a CSV are checked as folders are: a row given the wrong label comes first."""
+    root = make_dataset(tmp_path / "data", {"train": 12, "validation": 4})
+    rows = ["path,label,split"]
+    for path in sorted(root.rglob("*.jpg")):
+        label = "blue" if path.name == "red_0.jpg" and path.parent.parent.name == "train" else path.parent.name
+        rows.append(f"{path.relative_to(root)},{label},{path.parent.parent.name}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    args = ["analyze-data", str(root / "labels.csv"), "--label-issues", "--model", "test_efficientnet"]
+    result = runner.invoke(app, [*args, "--weights", str(backbone), "--issues", str(tmp_path / "i.json")])
+    assert result.exit_code == 0, result.output
+    top = json.loads((tmp_path / "i.json").read_text())["issues"][0]
+    assert top["path"].endswith("train/red/red_0.jpg") and top["given"] == "blue" and top["suggested"] == "red"

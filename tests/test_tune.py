@@ -295,3 +295,11 @@ def test_batch_advice_does_not_depend_on_timing_noise():
     second = [{"batch_size": 32, "images_per_s": 70.2}, {"batch_size": 64, "images_per_s": 73.1}]
     second.append({"batch_size": 256, "images_per_s": 77.0})
     assert choose_batch(first, current=64) == choose_batch(second, current=64) == 64
+
+
+def test_tune_reads_a_label_file(tiny_dataset, tmp_path):
+    """A label file (here a frozen split of the folder) is a dataset for tune as for train."""
+    frozen = tiny_dataset / "splits.csv"
+    assert CliRunner().invoke(app, ["analyze-data", str(tiny_dataset), "--write-splits", str(frozen)]).exit_code == 0
+    report = run_tune(tiny(frozen), TuneOptions(format_search=False, batch_search=False, steps=10))
+    assert report.range_test is not None and report.suggested_lr > 0

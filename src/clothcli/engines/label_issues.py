@@ -92,6 +92,7 @@ def out_of_sample_probabilities(features: np.ndarray, labels: np.ndarray, folds:
     if smallest < folds:
         raise UserError(f"a class has {smallest} image(s): --folds {folds} needs at least {folds} per class")
     probs = np.zeros((len(labels), int(labels.max()) + 1))
+    features = features.astype(np.float64)  # in float32, a near-constant feature scales to infinity
     for train, held_out in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, labels):
         classifier = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
         classifier.fit(features[train], labels[train])
@@ -121,6 +122,12 @@ def find_label_issues(
     features, errors = embed(model, dataset, batch_size, workers)
     embedded = time.perf_counter()
     readable = np.array([i not in errors for i in range(len(samples))])
+    broken = int((~np.isfinite(features[readable]).all(1)).sum())
+    if broken:
+        raise UserError(
+            f"{description} gives infinite or NaN features for {broken} of {int(readable.sum())} images: "
+            "a diverged checkpoint cannot rank labels (use another --checkpoint, or --model with --weights)"
+        )
     labels = np.array([t for _, t, _ in samples])[readable]
     probs = out_of_sample_probabilities(features[readable], labels, folds)
     fitted = time.perf_counter()
