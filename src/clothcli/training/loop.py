@@ -55,6 +55,7 @@ from clothcli.training.setup import (
     Setup,
     SilentReporter,
     is_better,
+    open_training_data,
     prepare,
     training_step,
     validate,
@@ -88,6 +89,7 @@ def train(
     if point is not None:
         cfg = point.config
     assert cfg is not None, "train() needs a config or a run to resume"
+    source = open_training_data(cfg, reporter)
     if point is None:  # a resumed run's config holds the choice made when it started
         cfg, choice = resolve_auto_format(cfg, resolve_device().type)
         if choice is not None:
@@ -95,7 +97,7 @@ def train(
             where = "measured before on this host" if choice.cached else "measured now on this host"
             reporter.message(f"precision and memory format: {choice.chosen.label} ({choice.reason}; images/s {speeds}, "
                              f"{where}: {format_cache_path()})")  # fmt: skip
-    setup = prepare(cfg, reporter)
+    setup = prepare(cfg, reporter, source=source)
     accelerator = setup.accelerator
     if not accelerator.is_main_process:
         reporter = SilentReporter()

@@ -113,14 +113,25 @@ def _open_data(cfg: Config, reporter: Reporter) -> Source:
     return source
 
 
-def prepare(
-    cfg: Config, reporter: Reporter | None = None, optimizer_lr: float | None = None, compile_model: bool = True
-) -> Setup:
-    """Index the data, build model, loaders, optimizer and loss, and hand them to Accelerate."""
-    reporter = reporter or SilentReporter()
+def open_training_data(cfg: Config, reporter: Reporter | None = None) -> Source:
+    """The checks that need no model (compile backend, trackers), then the dataset: what can fail in a
+    second fails before anything is measured or built."""
     check_compile_backend(cfg.train.compile)
     check_trackers(cfg)
-    source = _open_data(cfg, reporter)
+    return _open_data(cfg, reporter or SilentReporter())
+
+
+def prepare(
+    cfg: Config,
+    reporter: Reporter | None = None,
+    optimizer_lr: float | None = None,
+    compile_model: bool = True,
+    source: Source | None = None,
+) -> Setup:
+    """Index the data (unless `source` is given: `open_training_data`), build model, loaders, optimizer and
+    loss, and hand them to Accelerate."""
+    reporter = reporter or SilentReporter()
+    source = source or open_training_data(cfg, reporter)
     index = source.index
 
     accelerator = make_accelerator(
