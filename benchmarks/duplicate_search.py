@@ -1,7 +1,7 @@
 """Near-duplicate search at 10k to 1M hashes: clothcli's multi-index hashing against all pairs.
 
-Two kinds of 256-bit difference hashes, each with near copies planted (a copy of a hash with 0 to 14
-of its bits flipped, so some fall just past the 12-bit threshold):
+Two kinds of 256-bit difference hashes, each with near copies planted (a copy of a hash with up to two
+bits more flipped than the threshold allows, so some fall just past it):
 - uniform: random bits, the easy case (buckets of a substring's value stay small);
 - real: the difference hashes of the dataset's photos and of augmented variants of them (random crops
   of 35-100% of the side, mirrored, brightness and contrast changed). Photos of one shop share the
@@ -30,19 +30,19 @@ from pathlib import Path
 import numpy as np
 from PIL import ImageEnhance, ImageOps
 
-from clothcli.data.duplicates import NEAR_DUPLICATE_BITS, all_pairs, dhash, groups_of, near_pairs
+from clothcli.data.duplicates import HASH_DECODE, NEAR_DUPLICATE_BITS, all_pairs, dhash, groups_of, near_pairs
 from clothcli.data.images import load_rgb
 
 
 def plant(bits: np.ndarray, rng: np.random.Generator, share: float = 0.05) -> np.ndarray:
-    """Overwrite `share` of the rows with near copies of other rows (0-14 bits flipped)."""
-    n = len(bits)
+    """Overwrite `share` of the rows with near copies of other rows (0 to NEAR_DUPLICATE_BITS + 2 flipped)."""
+    n, most = len(bits), NEAR_DUPLICATE_BITS + 2
     count = int(n * share)
     sources, targets = rng.integers(0, n, count), rng.integers(0, n, count)
-    flips = rng.integers(0, bits.shape[1], (count, 14))
-    keep = rng.integers(0, 15, count)
+    flips = rng.integers(0, bits.shape[1], (count, most))
+    keep = rng.integers(0, most + 1, count)
     rows = bits[sources].copy()
-    for j in range(14):  # flip the first keep[i] positions of each row (repeats cancel: at most 14 flipped)
+    for j in range(most):  # flip the first keep[i] positions of each row (repeats cancel: at most `most`)
         chosen = keep > j
         rows[chosen, flips[chosen, j]] ^= True
     bits[targets] = rows
@@ -56,7 +56,7 @@ def uniform_hashes(n: int, seed: int = 0) -> np.ndarray:
 def variants(path: Path, count: int, seed: int) -> list[np.ndarray]:
     """The difference hashes of `count` augmented variants of one photo (the photo itself first)."""
     rng = np.random.default_rng(seed)
-    image = load_rgb(path, min_size=128)
+    image = load_rgb(path, min_size=HASH_DECODE)
     out = [dhash(image)]
     width, height = image.size
     for _ in range(count - 1):

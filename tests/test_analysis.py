@@ -83,9 +83,10 @@ def test_cli_missing_folder_exit_2(tmp_path):
     assert "Traceback" not in result.output
 
 
-def planted_hashes(n: int, clustered: int, seed: int = 0):
-    """n random 256-bit hashes with near copies planted (0 to 14 bits flipped, so some fall just past the
-    12-bit threshold) and `clustered` of them sharing their first 60 bits, as photos on one background do."""
+def planted_hashes(n: int, clustered: int, seed: int = 0, most: int = 20):
+    """n random 256-bit hashes with near copies planted (0 to `most` bits flipped, so some fall just past
+    the 18-bit threshold) and `clustered` of them sharing their first 60 bits, as photos on one background
+    do."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -93,20 +94,28 @@ def planted_hashes(n: int, clustered: int, seed: int = 0):
     bits[:clustered, :60] = False
     for source, target in rng.integers(0, n, (n // 8, 2)):
         row = bits[source].copy()
-        row[rng.choice(256, rng.integers(0, 15), replace=False)] ^= True
+        row[rng.choice(256, rng.integers(0, most + 1), replace=False)] ^= True
         bits[target] = row
     return bits
 
 
 def test_near_duplicate_index_finds_exactly_the_all_pairs_groups(monkeypatch):
+    import numpy as np
+
     from clothcli.data import duplicates
 
     for n, clustered in ((1, 0), (50, 0), (3000, 600)):
         bits = planted_hashes(n, clustered)
-        assert duplicates.near_pairs(bits, 12) == duplicates.all_pairs(bits, 12)
+        for max_bits in (0, 1, 12, duplicates.NEAR_DUPLICATE_BITS, 25):  # exact substrings, and one bit apart
+            assert duplicates.near_pairs(bits, max_bits) == duplicates.all_pairs(bits, max_bits), (n, max_bits)
     # buckets too large to check pair by pair go through the matrix product: still the same pairs
     monkeypatch.setattr(duplicates, "DENSE_BUCKET", 64)
     bits = planted_hashes(2000, 700, seed=1)
     found = duplicates.near_pairs(bits, 12)
     assert found == duplicates.all_pairs(bits, 12) and len(found) > 100
     assert duplicates.near_pairs(bits, 0) == duplicates.all_pairs(bits, 0)
+    # two large groups one bit apart: the bucket pair goes through the matrix product too
+    twins = np.repeat(bits[:1], 300, axis=0)
+    twins[150:, 7] ^= True
+    both = np.concatenate([twins, bits])
+    assert duplicates.near_pairs(both, 18) == duplicates.all_pairs(both, 18)

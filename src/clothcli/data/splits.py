@@ -1,6 +1,6 @@
 """Splitting images that arrive without split folders: seeded, stable, grouped by duplicates.
 
-Exact duplicates (the same bytes) and near duplicates (a 256-bit difference hash within 12 bits,
+Exact duplicates (the same bytes) and near duplicates (a 256-bit difference hash within 18 bits,
 as `analyze-data` finds them) form groups, and a group is never divided between splits: a resized
 or re-encoded copy of a training photo cannot sit in test. Each group goes to a split by a hash of
 its key (the smallest content hash among its members) and the split seed, compared with the
