@@ -106,16 +106,17 @@ def _hamming(packed: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 MIN_SUBSTRING, MAX_SUBSTRING = 12, 24  # bits per substring of the multi-index search
 DENSE_BUCKET = 2048  # a bucket this large is checked by one matrix product instead of pair by pair
 PAIR_CHUNK = 1 << 20
+DENSE_BLOCK = 1 << 23  # distances computed at once by the matrix product: 32 MB of float32
 
 
-def _dense_pairs(bits: np.ndarray, members: np.ndarray, max_bits: int, chunk: int = 1024,
-                 others: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+def _dense_pairs(bits: np.ndarray, members: np.ndarray, max_bits: int, others: np.ndarray | None = None) -> np.ndarray:
     """All pairs (i < j) of `members` within `max_bits` (or, with `others`, every pair of a member and one of
     `others`): with bits as +-1, Hamming distance = (n_bits - a.b)/2, so a chunked matrix product compares
-    every pair of a large bucket at BLAS speed."""
+    every pair of a large bucket at BLAS speed (in blocks of at most DENSE_BLOCK distances)."""
     block = bits[members].astype(np.float32) * 2 - 1
     against = block if others is None else bits[others].astype(np.float32) * 2 - 1
     columns = members if others is None else others
+    chunk = max(1, DENSE_BLOCK // len(columns))
     found = []
     for start in range(0, len(members), chunk):
         distance = (block.shape[1] - block[start : start + chunk] @ against.T) / 2
