@@ -282,5 +282,7 @@ def test_the_image_column_is_named_when_a_file_has_several(tmp_path):
     pq.write_table(table, tmp_path / "two.parquet")
     with pytest.raises(UserError, match="several image columns"):
         open_dataset(tmp_path / "two.parquet")
+    with pytest.raises(UserError, match="'label' holds no images; image columns: photo, mask"):
+        open_dataset(tmp_path / "two.parquet", DataConfig(image_column="label"))
     source = open_dataset(tmp_path / "two.parquet", DataConfig(image_column="photo"))
     assert sum(len(s.samples) for s in source.index.splits.values()) == len(files) and not source.bad_rows

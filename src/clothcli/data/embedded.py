@@ -72,10 +72,13 @@ def image_columns(schema: Any) -> list[str]:
 
 
 def choose_image_column(schema: Any, wanted: str, source: str | Path) -> str | None:
-    """The image column: `wanted` when it holds images, else the only column that does; None without one."""
+    """The image column: `wanted` when it holds images, else (`wanted` being the default) the only column
+    that does; None without one. A column named in the config that holds no images is an error."""
     found = image_columns(schema)
     if wanted in found:
         return wanted
+    if wanted != DEFAULT_IMAGE_COLUMN and found:
+        raise UserError(f"{source}: data.image_column '{wanted}' holds no images; image columns: {', '.join(found)}")
     if len(found) > 1:
         raise UserError(f"{source}: several image columns ({', '.join(found)}); name one with data.image_column")
     return found[0] if found else None
