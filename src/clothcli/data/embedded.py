@@ -156,6 +156,18 @@ def read_bytes(path: str | Path) -> bytes:
     return data
 
 
+def byte_lengths(parquet: str | Path) -> list[int]:
+    """The stored size of every row's image (0 where a row holds none), from the column read once and
+    kept for reading the images afterwards."""
+    import pyarrow.compute as pc
+
+    try:
+        values = _load(str(parquet)).values
+    except EmbeddedReadError as exc:
+        raise UserError(str(exc)) from None
+    return pc.fill_null(pc.binary_length(values), 0).to_pylist()
+
+
 def stamp(path: str | Path) -> tuple[int, int]:
     """(size, modification time) standing for an embedded image's: its Parquet file's (the id names the
     row), so rewriting the file changes the stamp of every image in it."""

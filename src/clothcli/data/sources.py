@@ -118,13 +118,7 @@ def _embedded_rows(path: Path, rows: list[dict], column: str, schema, cfg: DataC
     (`data.embedded`), a Hugging Face ClassLabel's integers become their names, and a row without image
     bytes or with a class number out of range is `__bad__`."""
     embedded.remember_column(path, column)
-    _, pq = embedded.pyarrow_modules()
-    import pyarrow.compute as pc
-
-    stored = pq.read_table(path, columns=[column], memory_map=True).column(column)
-    if embedded.pyarrow_modules()[0].types.is_struct(stored.type):
-        stored = pc.struct_field(stored, "bytes")
-    lengths = pc.fill_null(pc.binary_length(stored), 0).to_pylist()
+    lengths = embedded.byte_lengths(path)
     names = embedded.class_names(schema, cfg.label_column, path)
     for number, (row, length) in enumerate(zip(rows, lengths), 1):
         label = row.get(cfg.label_column)
