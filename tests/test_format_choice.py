@@ -85,3 +85,16 @@ def test_train_records_the_choice_and_resume_reuses_it(tiny_dataset, tmp_path, m
     format_choice.cache_path().unlink()
     resumed = train(None, resume=result.run_dir)
     assert resumed.run_dir == result.run_dir
+
+
+@pytest.mark.parametrize(
+    ("trained", "native", "expected"),
+    [("no", True, "no"), ("bf16", True, "bf16"), ("bf16", False, "no"), ("auto", True, "bf16"), (None, True, "no")],
+)
+def test_a_checkpoint_runs_on_a_cpu_in_the_precision_it_was_trained_in(monkeypatch, trained, expected, native):
+    """evaluate reproduces training's validation numbers: an fp32 run is not run in bf16 because the CPU could."""
+    from clothcli.backends import pytorch
+
+    monkeypatch.setattr(pytorch, "cpu_supports_bf16", lambda: native)
+    meta = {"config": {"train": {"mixed_precision": trained}}} if trained else {}
+    assert pytorch.inference_precision(meta, "cpu") == expected

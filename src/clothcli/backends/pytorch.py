@@ -2,8 +2,10 @@
 
 Decoding runs in DataLoader workers (JPEGs much larger than the input are decoded at reduced size,
 resized on uint8 tensors), the model runs batched under inference_mode in channels_last with its
-batch norms folded into the convolutions, in bf16 autocast on CPUs that do bf16 natively (the
-precision `auto` picks). On a CPU with a worker per thread the model runs inside the workers.
+batch norms folded into the convolutions. On a CPU it runs in the precision the run was trained and
+selected in (bf16 autocast only for a run trained in bf16, and only on a CPU with native bf16), so
+evaluate gives the numbers training measured and the same scores as the fp32 exports; on a GPU in the
+precision `auto` picks there. On a CPU with a worker per thread the model runs inside the workers.
 """
 
 from __future__ import annotations
@@ -25,9 +27,21 @@ from clothcli.errors import UserError
 from clothcli.formats import PYTORCH
 from clothcli.models.checkpoint import update_meta
 from clothcli.models.loading import InferenceModel, logits_and_features
-from clothcli.runtime import resolve_precision
+from clothcli.runtime import cpu_supports_bf16, resolve_precision
 
 AUTOCAST_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def inference_precision(meta: dict[str, Any], device_type: str) -> str:
+    """The precision a checkpoint runs in: the device's rule on a GPU; on a CPU the run's own training
+    precision where this CPU does it natively, else fp32 (bf16 emulated is several times slower); `auto`
+    is what a run trained on a GPU records."""
+    if device_type != "cpu":
+        return resolve_precision("auto", device_type)
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    trained = train.get("mixed_precision", "no")
+    return "bf16" if trained in ("bf16", "auto") and cpu_supports_bf16() else "no"
 
 
 class ModelPass:
@@ -88,8 +102,7 @@ class TorchClassifier(Classifier):
         threshold = self.meta.get("ood_threshold")
         self.ood_threshold = None if threshold is None else float(threshold)
         self.in_workers, self.uint8_transfer = in_workers, uint8_transfer
-        precision = resolve_precision("auto", self.device.type)
-        self.autocast = AUTOCAST_TYPES.get(precision)
+        self.autocast = AUTOCAST_TYPES.get(inference_precision(self.meta, self.device.type))
         self._transform: Any = None  # the eval transform `prepare` applies, made on first use
 
     @property
