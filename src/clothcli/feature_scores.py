@@ -29,6 +29,7 @@ BANK_FORMAT = "clothcli-ood-bank/1"
 K_CHOICES = (1, 5, 10, 20, 50)  # the k `calibrate --ood` chooses among on its out-of-distribution folder
 SHRINKAGE = 1e-3  # of the covariance's mean eigenvalue, added to its diagonal
 QUERY_CHUNK = 256  # images per matrix product: bounds the similarity matrix to QUERY_CHUNK x bank rows
+DIFFERENCE_ELEMENTS = 1 << 22  # images x classes x features per block of Mahalanobis differences (16 MB)
 
 
 def normalise(features: np.ndarray) -> np.ndarray:
@@ -51,6 +52,10 @@ class FeatureBank:
 
     def __post_init__(self) -> None:
         self._bank32 = np.asarray(self.features, dtype=np.float32)
+        # precision = L L^T: distances as plain squared differences in the whitened space (expanding
+        # q P q - 2 q P m + m P m instead cancels catastrophically in float32 when P is large)
+        self._whiten = np.linalg.cholesky(np.asarray(self.precision, dtype=np.float64)).astype(np.float32)
+        self._white_means = np.asarray(self.means, dtype=np.float32) @ self._whiten
 
     @property
     def dim(self) -> int:
@@ -68,11 +73,13 @@ class FeatureBank:
 
     def mahalanobis(self, features: np.ndarray) -> np.ndarray:
         """Minus the smallest squared Mahalanobis distance to a class mean, per image."""
-        query = normalise(features)
-        projected = query @ self.precision
-        mean_terms = np.einsum("cd,dk,ck->c", self.means, self.precision, self.means)
-        distances = (projected * query).sum(1)[:, None] - 2.0 * projected @ self.means.T + mean_terms[None, :]
-        return -distances.min(1)
+        white = normalise(features) @ self._whiten
+        scores = np.empty(len(white), dtype=np.float32)
+        rows = max(1, DIFFERENCE_ELEMENTS // self._white_means.size)
+        for start in range(0, len(white), rows):
+            differences = white[start : start + rows, None, :] - self._white_means[None, :, :]
+            scores[start : start + rows] = -np.einsum("ncd,ncd->nc", differences, differences).min(1)
+        return scores
 
     def scores(self, features: np.ndarray) -> dict[str, np.ndarray]:
         return {"knn": self.knn(features), "mahalanobis": self.mahalanobis(features)}
@@ -137,5 +144,8 @@ def load_bank(path: Path, dim: int | None = None, classes: int | None = None) ->
         raise UserError(f"{path}: its k or image count is not a number") from None
     if not 1 <= k <= len(features):
         raise UserError(f"{path}: k={k} does not fit a bank of {len(features)} images")
-    return FeatureBank(features.astype(np.float16), means.astype(np.float32), precision.astype(np.float32), k,
-                       trained_on)  # fmt: skip
+    try:
+        return FeatureBank(features.astype(np.float16), means.astype(np.float32), precision.astype(np.float32), k,
+                           trained_on)  # fmt: skip
+    except np.linalg.LinAlgError:
+        raise UserError(f"{path}: its precision matrix is not positive definite") from None
