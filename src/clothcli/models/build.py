@@ -26,6 +26,14 @@ def check_architecture(name: str) -> None:
     raise UserError(f"unknown timm model '{name}'{hint}")
 
 
+def check_model_config(cfg: ModelConfig) -> None:
+    """The model checks that need no network and no building (architecture name, weights file), made
+    before anything slow (the format timing, the data index) so a typo fails in a second."""
+    check_architecture(cfg.name)
+    if cfg.weights and not Path(cfg.weights).is_file():
+        raise UserError(f"weights file not found: {cfg.weights}")
+
+
 def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
     """A quick TCP probe, so an offline user waits seconds rather than a minute of retries."""
     try:

@@ -23,7 +23,7 @@ from clothcli.data.pipeline import TrainingData, build_training_data
 from clothcli.data.preprocess import Preprocess
 from clothcli.data.sources import Source, describe_split, open_dataset
 from clothcli.errors import UserError
-from clothcli.models.build import build_model, resolve_preprocess
+from clothcli.models.build import build_model, check_model_config, resolve_preprocess
 from clothcli.runtime import check_compile_backend, make_accelerator, predict_batches, resolve_device
 from clothcli.training.distill import ResizedStudent, distillation_task, load_teacher, view_size
 from clothcli.training.tracking import check_trackers, tracker_names
@@ -114,8 +114,9 @@ def _open_data(cfg: Config, reporter: Reporter) -> Source:
 
 
 def open_training_data(cfg: Config, reporter: Reporter | None = None) -> Source:
-    """The checks that need no model (compile backend, trackers), then the dataset: what can fail in a
-    second fails before anything is measured or built."""
+    """The checks that need no built model (name, weights file, compile backend, trackers), then the
+    dataset: what can fail in a second fails before anything is measured or built."""
+    check_model_config(cfg.model)
     check_compile_backend(cfg.train.compile)
     check_trackers(cfg)
     return _open_data(cfg, reporter or SilentReporter())
