@@ -18,6 +18,10 @@ def analyze_data(
         typer.Argument(help="Dataset: split/class/image folders, an unsplit class/image folder, or a label file."),
     ],
     deep: Annotated[bool, typer.Option(help="Fully decode every image (finds corrupt pixel data, slower).")] = False,
+    image_issues: Annotated[
+        bool,
+        typer.Option(help="Find dark, blurry, low-information, odd-size and odd-aspect images (cleanvision)."),
+    ] = False,
     json_path: JsonOption = None,
     plot: Annotated[
         Path | None,
@@ -76,7 +80,7 @@ def analyze_data(
 
         require_data_extra()  # before any image is read
     with render.progress_bar("reading images") as update:
-        analysis = audit_dataset(data_dir, deep=deep, workers=workers, progress=update)
+        analysis = audit_dataset(data_dir, deep=deep, workers=workers, progress=update, image_issues=image_issues)
     render.analysis(analysis)
     save_json(json_path, analysis.to_dict())
     if write_splits:

@@ -51,6 +51,8 @@ class DatasetAudit:
     duplicates: list[dict[str, Any]]
     warnings: list[str]
     deep: bool
+    # with image_issues: cleanvision's dark, blurry, low-information, odd-size and odd-aspect images
+    image_issues: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,8 +63,13 @@ def audit_dataset(
     deep: bool = False,
     workers: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    image_issues: bool = False,
 ) -> DatasetAudit:
-    """Analyse every split of `root`."""
+    """Analyse every split of `root`; with `image_issues`, cleanvision's image-quality checks too."""
+    if image_issues:
+        from clothcli.data.image_issues import require_cleanvision
+
+        require_cleanvision()  # before any image is read
     index: DatasetIndex = open_dataset(root).index
     jobs = [
         (path, split.name, index.classes[target]) for split in index.splits.values() for path, target in split.samples
@@ -117,4 +124,17 @@ def audit_dataset(
         duplicates=find_duplicates(reports),
         warnings=index.warnings,
         deep=deep,
+        image_issues=_image_issues(readable, workers) if image_issues else None,
     )
+
+
+def _image_issues(readable: list[FileAudit], workers: int) -> dict[str, Any]:
+    import os
+
+    from clothcli.data.image_issues import find_image_issues
+
+    processes = max(1, min(workers, os.cpu_count() or 1))
+    images = [(str(r.path), r.split, r.label) for r in readable]
+    sizes = [(r.width, r.height) for r in readable if r.width and r.height]
+    found = find_image_issues(images, sizes, processes)
+    return found.to_dict()

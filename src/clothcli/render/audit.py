@@ -108,8 +108,36 @@ def _problems(result) -> None:
         console.print(table)
     else:
         console.print("[green]no duplicates found[/]")
+    if result.image_issues is not None:
+        _image_issues(result.image_issues, result.root)
     for message in result.warnings:
         warn(message)
+
+
+ISSUE_NAMES = {
+    "dark": "dark",
+    "blurry": "blurry",
+    "low_information": "low information",
+    "odd_size": "odd size",
+    "odd_aspect_ratio": "odd aspect ratio",
+}
+
+
+def _image_issues(found: dict, root: str, shown: int = 10) -> None:
+    """cleanvision's flagged images per issue type, the worst `shown` of each (score 0 worst, 1 best)."""
+    if not found["flagged"]:
+        console.print(f"[green]no image-quality issues[/] among {found['checked']} images (cleanvision)")
+        return
+    table = Table(title=f"Image-quality issues: {found['flagged']} of {found['checked']} images (cleanvision)")
+    for col in ("issue", "images", "worst (score: 0 worst, 1 best)"):
+        table.add_column(col, overflow="fold")
+    for name, items in found["found"].items():
+        if not items:
+            continue
+        worst = "\n".join(f"{_relative(i['path'], root)} ({i['score']:.2f})" for i in items[:shown])
+        more = f"\n... and {len(items) - shown} more" if len(items) > shown else ""
+        table.add_row(ISSUE_NAMES.get(name, name), str(len(items)), worst + more)
+    console.print(table)
 
 
 def label_issues(found, top: int) -> None:
