@@ -43,11 +43,17 @@ def test_report_is_self_contained_with_every_section(page):
     out, result = page
     html = out.read_text(encoding="utf-8")
     assert result.bytes == out.stat().st_size < 10_000_000
-    for anchor in ('id="run"', 'id="curves"', 'id="results"', 'id="samples"', 'id="mistakes"', 'id="audit"'):
+    for anchor in ('id="run"', 'id="curves"', 'id="results"', 'id="pairs"', 'id="samples"', 'id="mistakes"',
+                   'id="maps"', 'id="embedding"', 'id="audit"'):  # fmt: skip
         assert anchor in html
     sources = re.findall(r'<img[^>]* src="([^"]+)"', html)
-    assert len(sources) == 2 + result.images  # curves, confusion matrix, thumbnails
-    assert result.images == 3 * 3 + min(5, 12 - round(result.accuracy * 12))
+    assert len(sources) == result.figures + result.images
+    assert result.figures == 3  # curves, confusion matrix, embedding map
+    wrong = 12 - round(result.accuracy * 12)
+    pairs = len(re.findall(r'<img class="thumb"', html))
+    correct_maps = html.count('with its class-activation map"')
+    assert result.images == 3 * 3 + min(5, wrong) + pairs + correct_maps
+    assert html.count("with its class-activation maps") == min(5, wrong)  # an overlay beside each mistake
     for src in sources:
         kind, payload = src.split(",", 1)
         assert kind in ("data:image/png;base64", "data:image/jpeg;base64")
@@ -107,7 +113,7 @@ def test_report_renders_in_chromium(page, tmp_path):
     found = re.search(r'data-check="([^"]*)"', proc.stdout)
     assert found, proc.stdout[-2000:]
     check = json.loads(found.group(1).replace("&quot;", '"'))
-    assert check == {"images": 2 + result.images, "broken": [], "errors": []}
+    assert check == {"images": result.figures + result.images, "broken": [], "errors": []}
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
     assert console == [], console
     shot = tmp_path / "shot.png"

@@ -98,6 +98,20 @@ def classification_report(preds: np.ndarray, targets: np.ndarray, classes: list[
     return report
 
 
+def confused_pairs(matrix: list[list[int]], classes: list[str], top: int | None = None) -> list[dict[str, Any]]:
+    """Pairs of classes by how often they were taken for each other, both directions counted (fastai's
+    `most_confused` lists one direction at a time; a pair is what a practitioner looks into): class
+    `a`, class `b`, `a_as_b` (true a, predicted b), `b_as_a` and their `total`, most confused first."""
+    counts = np.asarray(matrix, dtype=np.int64).reshape(len(classes), len(classes))
+    pairs = [
+        {"a": classes[i], "b": classes[j], "a_as_b": int(counts[i, j]), "b_as_a": int(counts[j, i]),
+         "total": int(counts[i, j] + counts[j, i])}
+        for i in range(len(classes)) for j in range(i + 1, len(classes)) if counts[i, j] + counts[j, i]
+    ]  # fmt: skip
+    pairs.sort(key=lambda p: (-p["total"], -max(p["a_as_b"], p["b_as_a"]), p["a"], p["b"]))
+    return pairs if top is None else pairs[:top]
+
+
 @dataclass
 class Calibration:
     """How well confidences match accuracy on one set of images."""

@@ -72,14 +72,23 @@ def report(
     mistakes: Annotated[int, typer.Option(min=0, max=200, help="Most confident mistakes shown.")] = 12,
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = 2,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            help="Class-activation maps beside the mistakes, their randomisation check and the embedding map "
+            "(clothcli[explain])."
+        ),
+    ] = True,
+    cam_method: Annotated[str, typer.Option(help="gradcam, gradcam++, layercam or eigencam.")] = "gradcam",
 ) -> None:
-    """One self-contained HTML page: the run, its curves, results, sample predictions, mistakes, data audit."""
+    """One self-contained HTML page: the run, its curves, results, most-confused pairs, sample predictions,
+    mistakes and where the model looked, the embedding map, data audit."""
     from clothcli.engines.html_report import build_report
 
     with render.progress_bar("building the report"):
         result = build_report(
             model=model, data=data, output=output, split=split, per_class=per_class, mistakes=mistakes,
-            batch_size=batch_size, workers=workers,
+            batch_size=batch_size, workers=workers, explain=explain, cam_method=cam_method,
         )  # fmt: skip
     render.note(
         f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, {result.images} pictures): "

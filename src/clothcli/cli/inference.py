@@ -62,8 +62,24 @@ def evaluate(
     ood: OodOption = None,
     ood_recall: OodRecallOption = 0.95,
     precision: PrecisionOption = None,
+    cam: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a class-activation map of every mistake here (a checkpoint only; needs clothcli[explain]).",
+            show_default="not drawn",
+        ),
+    ] = None,
+    cam_method: Annotated[
+        str, typer.Option(help="gradcam, gradcam++, layercam (a map per class) or eigencam (one map).")
+    ] = "gradcam",
+    cam_layer: Annotated[
+        str | None,
+        typer.Option(help="Module to read the maps at, e.g. blocks.5.", show_default="the last feature stage"),
+    ] = None,
+    cam_all: Annotated[bool, typer.Option(help="With --cam, a map of every image, not only the mistakes.")] = False,
 ) -> None:
-    """Accuracy, precision/recall/F1 (weighted, micro, macro, per class) and the confusion matrix."""
+    """Accuracy, precision/recall/F1 (weighted, micro, macro, per class), the confusion matrix and the
+    most-confused pairs; with --cam, where the model looked."""
     from clothcli.engines.evaluate import errors_rows
     from clothcli.engines.evaluate import evaluate as run_evaluation
     from clothcli.io_utils import atomic_write_text
@@ -74,7 +90,8 @@ def evaluate(
         report = run_evaluation(
             model=model, data=data, split=split, batch_size=batch_size, workers=workers, tta_flip=tta,
             input_size=input_size, crop_pct=crop_pct, calibrated=calibration, reliability_png=reliability_png,
-            ood=ood, ood_recall=ood_recall, precision=precision,
+            ood=ood, ood_recall=ood_recall, precision=precision, cam=cam, cam_method=cam_method, cam_layer=cam_layer,
+            cam_all=cam_all,
         )  # fmt: skip
     render.evaluation(report, normalise)
     save_json(json_path, report.to_dict())

@@ -6,7 +6,8 @@ out-of-distribution separation are computed here, once, for every format (`metri
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from clothcli.metrics import (
     ClassificationReport,
     calibration,
     classification_report,
+    confused_pairs,
     probabilities,
     reliability_bins,
     separate,
@@ -47,13 +49,19 @@ class EvalReport(ClassificationReport):
     ood: list[dict[str, Any]] = field(default_factory=list)
     # the stored rejection rule on this split (and the --ood folder): what it keeps and their accuracy
     rejection: dict[str, Any] | None = None
+    # pairs of classes taken for each other, both directions counted, most confused first
+    confused_pairs: list[dict[str, Any]] = field(default_factory=list)
+    # with --cam: the overlays written and the randomisation check of the maps (`engines.explain`)
+    cams: dict[str, Any] | None = None
     # one row per evaluated file: path, true, predicted, confidence
     files: list[dict[str, Any]] = field(default_factory=list)
     unreadable: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    # penultimate features of the `files` rows, when asked for (the report's embedding map); not in to_dict
+    features: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "features"}
 
 
 @dataclass
@@ -161,6 +169,10 @@ def evaluate(
     ood: str | Path | None = None,
     ood_recall: float = 0.95,
     precision: str | None = None,
+    cam: str | Path | None = None,
+    cam_method: str = "gradcam",
+    cam_layer: str | None = None,
+    cam_all: bool = False,
 ) -> EvalReport:
     """The full classification report, calibration, and per-file predictions (for the errors list).
 
@@ -169,15 +181,27 @@ def evaluate(
     when tested a little larger than it was trained ("FixRes" effect). Choose them on validation.
     Probabilities use the model's fitted temperature (`clothcli calibrate`) unless `calibrated` is
     False. With `ood`, a folder of images that belong to none of the classes, the report says how well
-    each out-of-distribution score (`rejection.all_scores`) tells the split's images from those."""
+    each out-of-distribution score (`rejection.all_scores`) tells the split's images from those.
+    With `cam`, a folder, a class-activation map of every mistake (every image with `cam_all`) is
+    written there (`engines.explain`); a checkpoint only, checked before anything is evaluated."""
     classifier = load_classifier(
         model, device=device, calibrated=calibrated, input_size=input_size, crop_pct=crop_pct, in_workers=False,
         precision=precision,
     )  # fmt: skip
-    return evaluate_classifier(
+    setup = None
+    if cam is not None:
+        from clothcli.engines.explain import prepare_cams
+
+        setup = prepare_cams(classifier, cam_method, cam_layer)
+    report = evaluate_classifier(
         classifier, data, split, batch_size=batch_size, workers=workers, tta_flip=tta_flip,
         reliability_png=reliability_png, ood=ood, ood_recall=ood_recall,
     )  # fmt: skip
+    if setup is not None and cam is not None:
+        from clothcli.engines.explain import draw_cams
+
+        report.cams = draw_cams(setup, report.files, cam, every=cam_all).to_dict()
+    return report
 
 
 def evaluate_classifier(
@@ -191,12 +215,15 @@ def evaluate_classifier(
     reliability_png: str | Path | None = None,
     ood: str | Path | None = None,
     ood_recall: float = 0.95,
+    keep_features: bool = False,
 ) -> EvalReport:
-    """`evaluate` of a model already loaded (compare and report load it once for several uses)."""
+    """`evaluate` of a model already loaded (compare and report load it once for several uses); with
+    `keep_features`, the report holds the penultimate features of its rows."""
     temperature, classes = classifier.temperature, classifier.classes
-    with_bank = bool(classifier.meta.get("ood_bank_sha256")) and getattr(classifier, "has_features", True)
+    has_features = getattr(classifier, "has_features", True)
+    with_bank = bool(classifier.meta.get("ood_bank_sha256")) and has_features
     bank = stored_bank(classifier) if with_bank else None
-    options = {"batch_size": batch_size, "workers": workers, "features": with_bank}
+    options = {"batch_size": batch_size, "workers": workers, "features": with_bank or (keep_features and has_features)}
     found = labelled_outputs(classifier, data, split, flip=tta_flip, **options)
     out, targets = found.outputs, found.targets
     probs = probabilities(out.logits, temperature)
@@ -213,8 +240,10 @@ def evaluate_classifier(
         outside_scores = all_scores(outside.logits, outside.features, temperature, bank)
         separations = [s.to_dict() for s in separate(inside_scores, outside_scores, ood_recall)]
     samples = found.index.samples
+    report = classification_report(preds, targets, classes)
     return EvalReport(
-        **classification_report(preds, targets, classes).to_dict(),
+        **report.to_dict(),
+        confused_pairs=confused_pairs(report.confusion_matrix, classes),
         checkpoint=str(classifier.source),
         arch=classifier.arch,
         folder=str(found.folder),
@@ -231,6 +260,7 @@ def evaluate_classifier(
         ],
         unreadable=[{"path": str(samples[i][0]), "reason": r} for i, r in sorted(out.errors.items())],
         skipped=[{"path": str(s.path), "reason": s.reason} for s in found.index.skipped],
+        features=out.features if keep_features else None,
     )
 
 

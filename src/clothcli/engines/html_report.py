@@ -4,8 +4,10 @@ The page is built from a Jinja2 template (`templates/report.html.j2`); every pic
 data URI (matplotlib figures as PNG, photos as small JPEG thumbnails), so the file opens from disk
 with no network and can be mailed as it is. It holds the run (architecture, cost, training time,
 device, config), the training curves, the results on one split (accuracy, averages, per class, the
-confusion matrix), sample predictions per class, the most confident mistakes and, when a dataset is
-given, its audit (counts, imbalance, duplicate and leak groups, unreadable files).
+confusion matrix, the most-confused pairs), sample predictions per class, the most confident mistakes
+with where the model looked (class-activation maps, `engines.report_views`), the embedding map of the
+split and, when a dataset is given, its audit (counts, imbalance, duplicate and leak groups, unreadable
+files, image-quality issues).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from clothcli import __version__
 from clothcli.backends import Classifier, load_classifier
 from clothcli.engines.evaluate import errors_rows, evaluate_classifier
+from clothcli.engines.report_views import cam_views, embedding_view, pair_examples
 from clothcli.errors import UserError
 from clothcli.formats import is_exported
 from clothcli.io_utils import atomic_write_text
@@ -27,6 +30,7 @@ from clothcli.render import plots
 from clothcli.training.run_folder import read_history, training_seconds
 
 REPORT_EXTRA = "pip install 'clothcli[report]'"
+EXPLAIN_EXTRA = "pip install 'clothcli[explain]'"
 THUMBNAIL_SIDE = 160
 
 
@@ -38,9 +42,16 @@ class HtmlReport:
     bytes: int
     split: str
     accuracy: float
-    images: int  # thumbnails inlined
+    images: int  # photos inlined: thumbnails and class-activation overlays
     audited: bool
     sections: list[str] = field(default_factory=list)
+    figures: int = 0  # charts inlined: training curves, confusion matrix, embedding map
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _png(fig: Any) -> str:
@@ -109,6 +120,7 @@ def _item(row: dict[str, Any]) -> dict[str, Any]:
         "predicted": row["predicted"],
         "confidence": row["confidence"],
         "wrong": row["true"] != row["predicted"],
+        "overlay": row.get("overlay"),  # the class-activation picture, where the report draws one
     }
 
 
@@ -163,10 +175,13 @@ def build_report(
     mistakes: int = 12,
     batch_size: int = 64,
     workers: int = 2,
+    explain: bool = True,
+    cam_method: str = "gradcam",
 ) -> HtmlReport:
     """Evaluate a run's best checkpoint (or an exported file) on `split` of `data` (default: the dataset
     the run was trained on) and write the report to `output`; with `data` given, the dataset's audit is
-    included."""
+    included. With `explain`, the maps (`cam_method`) and the embedding map where their extras are
+    installed (the page says which extra adds what is missing)."""
     output = Path(output)
     if output.suffix.lower() not in (".html", ".htm"):
         raise UserError(f"the report is HTML: -o must end in .html, got '{output.name}'")
@@ -178,6 +193,10 @@ def build_report(
         raise UserError(f"report needs Jinja2: {REPORT_EXTRA}") from None
     from clothcli.data.sources import is_dataset
 
+    if explain:
+        from clothcli.analysis.cam import check_method
+
+        check_method(cam_method)
     classifier, run = _open_model(Path(model))
     audit_data = Path(data) if data is not None else None
     if audit_data is not None:
@@ -187,15 +206,27 @@ def build_report(
     eval_data = audit_data or Path((classifier.meta.get("config") or {}).get("data", {}).get("root") or "")
     if not str(eval_data) or not is_dataset(eval_data):
         raise UserError(f"the model's dataset is not at {eval_data or '(unrecorded)'}: give DATA")
-    evaluation = evaluate_classifier(classifier, eval_data, split, batch_size=batch_size, workers=workers)
+    evaluation = evaluate_classifier(
+        classifier, eval_data, split, batch_size=batch_size, workers=workers, keep_features=explain
+    )
     history = read_history(run) if run is not None else []
     audit = None
     if audit_data is not None:
         from clothcli.data.audit import audit_dataset
 
-        audit = audit_dataset(audit_data, deep=True).to_dict()
+        audit = audit_dataset(audit_data, deep=True, image_issues=_has("cleanvision")).to_dict()
     samples = _samples(evaluation.files, evaluation.classes, per_class)
-    worst = [_item(row) for row in errors_rows(evaluation)[:mistakes]]
+    worst_rows = errors_rows(evaluation)[:mistakes]
+    worst = [_item(row) for row in worst_rows]
+    cams = cam_views(classifier, evaluation.files, worst_rows, cam_method) if explain else None
+    if cams and "overlays" in cams:
+        for item, row in zip(worst, worst_rows):
+            item["overlay"] = cams["overlays"].get(row["path"])
+        for row in cams["correct"]:
+            row.update(_item(row))
+    pairs = pair_examples(evaluation.confused_pairs, evaluation.files)
+    for pair in pairs:
+        pair["example"] = _item(pair["example"]) if pair["example"] else None
     context = {
         "version": __version__,
         "run": _run_section(classifier, run, history),
@@ -205,6 +236,9 @@ def build_report(
         "confusion": confusion_figure(evaluation),
         "samples": samples,
         "mistakes": worst,
+        "pairs": pairs,
+        "cams": cams,
+        "embedding": embedding_view(evaluation) if explain else None,
         "audit": audit,
     }
     environment = jinja2.Environment(
@@ -214,13 +248,21 @@ def build_report(
     )
     html = environment.get_template("report.html.j2").render(**context)
     atomic_write_text(output, html)
-    sections = ["run", "training curves" if history else "", "results", "samples", "mistakes", "audit" if audit else ""]
+    sections = [
+        "run", "training curves" if history else "", "results", "most-confused pairs" if pairs else "", "samples",
+        "mistakes", "maps" if cams and "overlays" in cams else "",
+        "embedding map" if context["embedding"] and "png" in context["embedding"] else "", "audit" if audit else "",
+    ]  # fmt: skip
     return HtmlReport(
         path=output,
         bytes=output.stat().st_size,
         split=split,
         accuracy=evaluation.accuracy,
-        images=sum(len(g["items"]) for g in samples) + len(worst),
+        images=sum(len(g["items"]) for g in samples)
+        + len(worst)
+        + sum(1 for p in pairs if p["example"] and p["example"]["src"])
+        + sum(1 for row in (cams or {}).get("correct", []) if row.get("overlay")),
+        figures=sum(1 for f in (context["curves"], context["confusion"], (context["embedding"] or {}).get("png")) if f),
         audited=audit is not None,
         sections=[s for s in sections if s],
     )

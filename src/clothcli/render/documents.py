@@ -54,6 +54,11 @@ def evaluation_markdown(report: Any) -> str:
     ]
     for name, row in zip(classes, report.confusion_matrix):
         lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    if report.confused_pairs:
+        lines += ["", "Most-confused pairs", "", "| class a | class b | a taken for b | b taken for a | total |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for pair in report.confused_pairs[:10]:
+            lines.append(f"| {pair['a']} | {pair['b']} | {pair['a_as_b']} | {pair['b_as_a']} | {pair['total']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -239,3 +239,26 @@ def pareto(comparison: Any, target: Target) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, target, dpi=110)
+
+
+def embedding_map(
+    points: np.ndarray, targets: np.ndarray, wrong: np.ndarray, classes: list[str], target: Target, title: str = ""
+) -> None:
+    """2-D points coloured by true class, the misclassified ones ringed in black."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.2, 6.4))
+    colours = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")
+    for k, name in enumerate(classes):
+        members = targets == k
+        if members.any():
+            colour = colours(k % colours.N)
+            ax.scatter(points[members, 0], points[members, 1], s=14, color=colour, label=name, alpha=0.85)
+    if wrong.any():
+        ax.scatter(points[wrong, 0], points[wrong, 1], s=60, facecolors="none", edgecolors="black", linewidths=1.1,
+                   label="misclassified")  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title or "Penultimate features (t-SNE), coloured by true class")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
+    _save(fig, target, dpi=90)

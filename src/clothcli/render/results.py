@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.table import Table
 
 from clothcli.render.console import _fmt_bytes, console, err_console, note, warn
@@ -59,10 +61,58 @@ def evaluation(report, normalise: bool = False) -> None:
         total = max(sum(row), 1)
         matrix.add_row(name, *[(f"{v / total:.2f}" if normalise else str(v)) for v in row])
     console.print(matrix)
+    confused_pairs(report.confused_pairs)
+    if report.cams:
+        cam_summary(report.cams)
     if report.unreadable:
         warn(f"{len(report.unreadable)} unreadable image(s) were not evaluated:")
         for item in report.unreadable:
             err_console.print(f"  {item['path']}: {item['reason']}", highlight=False)
+
+
+def confused_pairs(pairs: list[dict], top: int = 10) -> None:
+    """The classes most often taken for each other, both directions counted."""
+    if not pairs:
+        return
+    table = Table(title=f"Most-confused pairs (top {min(top, len(pairs))} of {len(pairs)})")
+    for col in ("class a", "class b", "a taken for b", "b taken for a", "total"):
+        table.add_column(col, justify="left" if col.startswith("class") else "right")
+    for pair in pairs[:top]:
+        table.add_row(pair["a"], pair["b"], str(pair["a_as_b"]), str(pair["b_as_a"]), str(pair["total"]))
+    console.print(table)
+
+
+def cam_summary(cams: dict) -> None:
+    """Where the overlays went, the layer they were read at, and whether they pass the randomisation check."""
+    grid = "x".join(str(v) for v in cams["grid"])
+    note(
+        f"wrote {cams['written']} {cams['method']} overlays ({cams['mistakes']} mistakes) to {cams['directory']}, "
+        f"index {Path(cams['index']).name}; maps read at '{cams['layer']}' ({cams['layer_choice']}, {grid} map)"
+    )
+    check = cams.get("check")
+    if not check:
+        return
+    table = Table(title=f"Randomisation check of the maps ({check['images']} images, cascading from the head down)")
+    for col in ("re-initialised down to", "mean Spearman vs trained", "constant maps"):
+        table.add_column(col, justify="left" if col.startswith("re-") else "right")
+    for i, step in enumerate(check["steps"]):
+        marker = "  <- the map's layer and all above it" if i == check["verdict_step"] else ""
+        rho = "-" if step["spearman"] is None else f"{step['spearman']:.3f}"
+        table.add_row(step["group"] + marker, rho, str(step["constant_maps"]))
+    console.print(table)
+    if check["passed"] is None:
+        warn(
+            f"the randomisation check cannot tell: every map of the trained model is of one value "
+            f"({'x'.join(str(v) for v in cams['grid'])} map); name an earlier layer with --cam-layer"
+        )
+        return
+    verdict = "[green]passes[/]" if check["passed"] else "[red]fails[/]"
+    left_out = f"; {check['constant_trained']} flat trained maps left out" if check["constant_trained"] else ""
+    console.print(
+        f"maps of the trained model vs a random one: mean Spearman {check['spearman']:.3f} "
+        f"({verdict}: below {check['limit']} says the maps depend on what was learnt{left_out})",
+        highlight=False,
+    )
 
 
 def predictions(rows: list, summary, top_k: int) -> None:
