@@ -14,10 +14,12 @@ from typer.testing import CliRunner
 from clothcli.analysis.cam import CLASS_AGNOSTIC, METHODS, CamMaker, find_layer
 from clothcli.analysis.cam_check import randomisation_check
 from clothcli.cli import app
+from clothcli.config import load_config
 from clothcli.errors import UserError
 from clothcli.metrics import confused_pairs
 from clothcli.render.overlays import PANEL_MIN
-from conftest import make_dataset, train_tiny
+from clothcli.training import train
+from conftest import TINY_OVERRIDES, make_dataset, train_tiny
 
 pytest.importorskip("pytorch_grad_cam", reason="the explain extra (pip install 'clothcli[explain]') is not installed")
 runner = CliRunner()
@@ -149,10 +151,16 @@ def test_evaluate_draws_a_map_per_mistake_and_reports_pairs(tiny_run, tmp_path):
 def test_bad_map_requests_are_one_line(tiny_run, tmp_path, monkeypatch):
     run, data = tiny_run
     base = ["evaluate", str(run), str(data), "--workers", "0", "--cam", str(tmp_path / "c")]
+    vit_overrides = [o for o in TINY_OVERRIDES if not o.startswith("model.name")]
+    vit_settings = [*vit_overrides, "model.name=test_vit", "train.epochs=1", f"data.root={data}"]
+    vit = train(load_config(None, [*vit_settings, f"output_dir={tmp_path / 'vit'}"])).run_dir
     cases = {
         "unknown --cam-method 'smoothgrad'": [*base, "--cam-method", "smoothgrad"],
         "has no module 'head.fc'": [*base, "--cam-layer", "head.fc"],
-    }
+        "not a map of (channels, height, width): name a convolutional layer with --cam-layer": [
+            "evaluate", str(vit), str(data), "--workers", "0", "--cam", str(tmp_path / "c"),
+        ],
+    }  # fmt: skip
     pytest.importorskip("onnxruntime", reason="the export extra is not installed")
     from clothcli.engines.export import export_onnx
 
@@ -161,8 +169,9 @@ def test_bad_map_requests_are_one_line(tiny_run, tmp_path, monkeypatch):
     cases["class-activation maps need gradients"] = ["evaluate", str(exported), str(data), "--cam", str(tmp_path / "d")]
     for expected, args in cases.items():
         result = runner.invoke(app, args)
-        assert result.exit_code == 2 and expected in result.output, (args, result.output)
-        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
+        output = " ".join(result.output.split())
+        assert result.exit_code == 2 and expected in output, (args, result.output)
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
     import clothcli.analysis.cam as cam
 
