@@ -186,6 +186,9 @@ class TrainConfig:
     seed: int = 42
     monitor: Literal["val_acc", "val_loss", "val_f1"] = "val_acc"
     early_stopping: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    # minutes of epochs (training and validation, as metrics.csv records them): the run stops before an
+    # epoch predicted to pass it; the schedule is not compressed to fit
+    time_limit: float | None = field(default=None, metadata=_range(0.0, None, lo_open=True))
     swa: SwaConfig = field(default_factory=SwaConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     # experiment trackers through Accelerate, offline under the run folder: one name or a list

@@ -75,6 +75,8 @@ class TrainResult:
     compile_seconds: float | None = None
     # False in the other processes of a distributed run, which leave reporting to the main one
     main_process: bool = True
+    # train.time_limit ended the run before its last epoch
+    stopped_by_time: bool = False
 
 
 def train(
@@ -116,8 +118,14 @@ def train(
             f"{cfg.train.batch_size} per process, {cfg.train.batch_size * accelerator.num_processes} per step in all"
         )
     reporter.run_started(loop.run_path)
-    stopped_early = False
+    stopped_early = stopped_by_time = False
     for epoch in range(loop.state.epoch + 1, cfg.train.epochs):
+        if cfg.train.time_limit is not None:  # the main process decides, so every process stops together
+            over = [accelerator.is_main_process and over_time_limit(
+                loop.state.history, cfg.train.time_limit, epoch, cfg.train.epochs, reporter)]  # fmt: skip
+            if broadcast_object_list(over, from_process=0)[0]:
+                stopped_by_time = True
+                break
         stopped_early = loop.run_epoch(epoch)
         if stopped_early:
             break
@@ -135,7 +143,28 @@ def train(
         [{"path": str(train_samples[i][0]), "reason": r} for i, r in sorted(loop.unreadable.items())],
         loop.compile_seconds,
         accelerator.is_main_process,
+        stopped_by_time,
     )
+
+
+def over_time_limit(
+    history: list[dict[str, Any]], limit_min: float | None, epoch: int, epochs: int, reporter: Reporter
+) -> bool:
+    """True (and says so) when the epochs so far plus one more of their mean length would pass
+    `limit_min` minutes (as Ultralytics' `time=`; the schedule is not compressed to fit)."""
+    done = [row for row in history if row.get("epoch") != "swa"]
+    if limit_min is None or not done:
+        return False
+    lengths = [float(row.get("seconds", 0)) + float(row.get("val_seconds", 0)) for row in done]
+    spent, predicted = sum(lengths), sum(lengths) + sum(lengths) / len(lengths)
+    if predicted <= limit_min * 60:
+        return False
+    reporter.message(
+        f"time limit: stopped before epoch {epoch + 1} of {epochs} ({spent / 60:.1f} min spent, one more epoch "
+        f"would end at {predicted / 60:.1f} min, past the {limit_min:g} min limit); the schedule was not "
+        f"compressed, so the learning rate had not finished its decay"
+    )
+    return True
 
 
 def _open_run(cfg: Config, accelerator: Accelerator, run_dir: str | Path | None, source: Source | None) -> Path:
