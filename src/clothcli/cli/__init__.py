@@ -9,6 +9,7 @@ COMMANDS = {
     "analyze-data": data.analyze_data,
     "train": training.train,
     "tune": training.tune,
+    "sweep": training.sweep,
     "evaluate": inference.evaluate,
     "calibrate": inference.calibrate,
     "predict": inference.predict,

@@ -9,6 +9,7 @@ import typer
 
 from clothcli import render
 from clothcli.cli.options import ConfigArgument, DataOption, JsonOption, SetOption, WeightsOption, save_json
+from clothcli.errors import UserError
 
 _OPTION_KEYS = {
     "data": "data.root",
@@ -19,6 +20,7 @@ _OPTION_KEYS = {
     "lr": "optim.lr",
     "name": "name",
     "output_dir": "output_dir",
+    "time_limit": "train.time_limit",
 }
 
 
@@ -26,15 +28,7 @@ def _config_from_options(config: Path | None, overrides: list[str] | None, downl
     """Load a config with `--set` overrides and the dedicated options (which win)."""
     from clothcli.config import load_config
 
-    extra: dict = {}
-    for option, value in options.items():
-        if value is None:
-            continue
-        node = extra
-        *parents, leaf = _OPTION_KEYS[option].split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = str(value) if isinstance(value, Path) else value
+    extra = _config_options(options)
     if download:
         extra.setdefault("data", {})["download"] = True
     return load_config(config, overrides or [], extra)
@@ -78,6 +72,12 @@ def train(
             show_default="no calibration",
         ),
     ] = None,
+    time_limit: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01, help="Minutes: stop before an epoch that would pass them (train.time_limit).", show_default="none"
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune a timm model with HF Accelerate (CPU, GPU, mixed precision, accelerate launch)."""
     from clothcli.data.inputs import images_under
@@ -99,7 +99,10 @@ def train(
             lr=lr,
             name=name,
             output_dir=output_dir,
+            time_limit=time_limit,
         )
+    elif time_limit is not None:
+        raise UserError("--time-limit applies to a new run; a resumed run keeps its recorded train.time_limit")
     with render.TrainProgress() as progress:
         try:
             result = run_training(cfg, resume=resume, reporter=progress)
@@ -163,3 +166,63 @@ def tune(
         report = run_tune(cfg, options, reporter=progress)
     render.tuning(report)
     save_json(json_path, report.to_dict())
+
+
+def sweep(
+    config: ConfigArgument = None,
+    space: Annotated[
+        Path, typer.Option(help="YAML search space: config keys with log/float/int/choice ranges.")
+    ] = Path("space.yaml"),
+    trials: Annotated[
+        int, typer.Option(min=1, help="Finished trials (complete or pruned) in the sweep, in total.")
+    ] = 20,
+    timeout: Annotated[
+        float | None, typer.Option(min=0.1, help="Minutes after which no new trial starts.", show_default="none")
+    ] = None,
+    jobs: Annotated[int, typer.Option(min=1, max=64, help="Processes sharing the sweep's database.")] = 1,
+    seeds: Annotated[
+        int, typer.Option(min=1, max=20, help="Re-run the best 3 configurations over this many seeds; rank by mean.")
+    ] = 1,
+    data: DataOption = None,
+    weights: WeightsOption = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Overrides train.epochs.", show_default="config's train.epochs")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Sweep name; its folder is OUTPUT_DIR/NAME-sweep.", show_default="config's name")
+    ] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Where the sweep folder goes.", show_default="config's output_dir")
+    ] = None,
+    set_: SetOption = None,
+    json_path: JsonOption = None,
+    worker: Annotated[bool, typer.Option(hidden=True, help="Run trials only (started by --jobs).")] = False,
+) -> None:
+    """Search a config's keys with Optuna (TPE, median pruning); resumable; every trial a run folder."""
+    from clothcli.tuning.sweep import sweep as run_sweep
+
+    given = {"data": data, "weights": weights, "epochs": epochs, "name": name, "output_dir": output_dir}
+    nested = _config_options(given)
+    with render.TrainProgress() as progress:
+        result = run_sweep(
+            config=config, space=space, trials=trials, overrides=set_ or [], options=nested, timeout_min=timeout,
+            jobs=jobs, seeds=seeds, worker=worker, reporter=progress,
+        )  # fmt: skip
+    if result is not None:
+        render.sweep_summary(result)
+        save_json(json_path, result.to_dict())
+
+
+def _config_options(options: dict) -> dict:
+    """Dedicated options (those given) as the nested dict `load_config` takes as `extra`."""
+    nested: dict = {}
+    for option, value in options.items():
+        if value is None:
+            continue
+        value = str(value) if isinstance(value, Path) else value
+        node = nested
+        *parents, leaf = _OPTION_KEYS[option].split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested

@@ -4,7 +4,7 @@ from clothcli.render.audit import analysis, label_issues, split_fix
 from clothcli.render.console import console, download_bar, err_console, error, note, progress_bar, warn
 from clothcli.render.network import flops, receptive_fields
 from clothcli.render.results import benchmark, calibration, comparison, evaluation, export_report, predictions
-from clothcli.render.training import TrainProgress, sparkline, train_summary, tuning
+from clothcli.render.training import TrainProgress, sparkline, sweep_summary, train_summary, tuning
 
 __all__ = [
     "TrainProgress",
@@ -26,6 +26,7 @@ __all__ = [
     "receptive_fields",
     "sparkline",
     "split_fix",
+    "sweep_summary",
     "train_summary",
     "tuning",
     "warn",

@@ -262,3 +262,18 @@ def embedding_map(
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
     _save(fig, target, dpi=90)
+
+
+def importance(importances: dict[str, float], target: Target) -> None:
+    """Horizontal bars of each searched key's importance (Optuna's fANOVA share of the variance)."""
+    plt = _pyplot()
+    keys = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(7.0, 0.5 * len(keys) + 1.4))
+    ax.barh(keys, [importances[k] for k in keys], color="#2457a6")
+    for y, key in enumerate(keys):
+        ax.text(importances[key], y, f" {importances[key]:.2f}", va="center", fontsize=9)
+    ax.set_xlim(0, max(1.0, max(importances.values(), default=0) * 1.15))
+    ax.set_xlabel("importance (share of the objective's variance, fANOVA)")
+    ax.set_title("Which settings mattered")
+    fig.tight_layout()
+    _save(fig, target, dpi=100)

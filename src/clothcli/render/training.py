@@ -172,3 +172,44 @@ def tuning(report) -> None:
         )
     if report.written is not None:
         note(f"updated {report.written}")
+
+
+def sweep_summary(result, shown: int = 10) -> None:
+    """A `tuning.sweep.SweepResult`: trials by state, the best ones, importances, the seeds' ranking."""
+    rows = result.trials
+    states: dict[str, int] = {}
+    for row in rows:
+        states[row["state"]] = states.get(row["state"], 0) + 1
+    note(
+        f"sweep {result.directory}: {len(rows)} trials ("
+        + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        + f"); {result.direction} {result.monitor}; {result.pruning}"
+    )
+    scored = [r for r in rows if r["value"] is not None]
+    scored.sort(key=lambda r: r["value"], reverse=result.direction == "maximize")
+    if scored:
+        keys = list(scored[0]["params"])
+        table = Table(title=f"Best trials (of {len(scored)} with a value)")
+        for col in ("trial", "state", result.monitor, "epochs", *keys):
+            table.add_column(col, justify="right" if col != "state" else "left")
+        for row in scored[:shown]:
+            params = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (row["params"].get(k, "") for k in keys)]
+            table.add_row(str(row["trial"]), row["state"], f"{row['value']:.4f}", str(row["epochs_run"]), *params)
+        console.print(table)
+    if result.importance:
+        console.print("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in result.importance.items()), highlight=False)
+    elif result.importance_note:
+        note(result.importance_note)
+    if result.seeds:
+        table = Table(title="The best configurations over seeds (ranked by the mean)")
+        for col in ("trial", "seeds", "values", "mean ± std"):
+            table.add_column(col, justify="right")
+        for row in result.seeds:
+            values = ", ".join(f"{v:.4f}" for v in row["values"])
+            spread = f"{row['mean']:.4f} ± {row['std']:.4f}"
+            table.add_row(str(row["trial"]), ", ".join(map(str, row["seeds"])), values, spread)
+        console.print(table)
+    written = ["summary.csv", "summary.md"] + (["importance.png"] if result.importance else [])
+    if result.best_config:
+        written.append("best.yaml")
+    note(f"wrote {', '.join(written)} in {result.directory}")
