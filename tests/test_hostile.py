@@ -303,15 +303,19 @@ def test_a_fifo_named_like_an_image_is_skipped_not_waited_on(tmp_path, photos):
     os.mkfifo(photos / "pipe.jpg")
     os.mkfifo(data / "test" / "red" / "pipe.jpg")
     checkpoint = tiny_checkpoint(tmp_path / "ckpt", ["blue", "green", "red"])
-    script = (
-        "import sys\nfrom clothcli.cli import app\n"
-        "try:\n    app(sys.argv[1:], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+    commands = [["predict", str(checkpoint), str(photos), "--workers", "0"],
+                ["evaluate", str(checkpoint), str(data), "--workers", "0"],
+                ["analyze-data", str(data)]]  # fmt: skip
+    script = (  # the three commands in one process (a start-up each cost seconds); a hang hits the timeout
+        "import json, sys\nfrom clothcli.cli import app\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    try:\n        app(args, standalone_mode=False)\n    except SystemExit as exc:\n"
+        "        assert not exc.code, (args, exc.code)\n    print('done', args[0], flush=True)\n"
     )
-    for args in (["predict", str(checkpoint), str(photos), "--workers", "0"],
-                 ["evaluate", str(checkpoint), str(data), "--workers", "0"],
-                 ["analyze-data", str(data)]):  # fmt: skip
-        done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True,
+                          timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("done ") == 3
 
 
 def test_a_training_folder_named_like_the_reserved_answer_is_refused(tmp_path):
