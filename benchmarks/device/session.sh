@@ -41,6 +41,14 @@ python3 benchmarks/train_throughput.py --data $DATA --weights "$WEIGHTS" --size 
 # (uint8 batches normalised on the device), latency timed there too.
 python3 -m clothcli compare /tmp/runs/gpu-40 /tmp/runs/gpu-40/swa --data $DATA --split test --device cuda \
     --no-cache -o "$RES/compare_gpu.json" 2>&1 | tail -8
+# Class-activation maps of the GPU run's test mistakes, drawn on the GPU (only where pytorch-grad-cam is
+# installed there: it is not in the machine's image; carry its wheels and ttach's to add it).
+if python3 -c "import pytorch_grad_cam" 2>/dev/null; then
+    python3 -m clothcli evaluate /tmp/runs/gpu-40 $DATA --split test --cam "$RES/cams" \
+        --json "$RES/eval_cam.json" 2>&1 | tail -16
+else
+    echo "maps skipped: no pytorch-grad-cam here" | tee "$RES/cams.txt"
+fi
 # The server on the GPU under 32 clients (only where the machine has FastAPI, uvicorn and httpx).
 if python3 -c "import fastapi, uvicorn, httpx, multipart" 2>/dev/null; then
     python3 benchmarks/serve_load.py /tmp/runs/gpu-40 --data $DATA/validation --seconds 20 \
