@@ -61,6 +61,10 @@ class DataConfig:
     # device (needs the cache); auto = device on a GPU, workers on a CPU
     augment_on: Literal["auto", "workers", "device"] = "auto"
     split: SplitConfig = field(default_factory=SplitConfig)
+    # k-fold cross-validation (`train --folds K` sets these for each run): the train and validation images
+    # pooled into `folds` folds (stratified, grouped by duplicates, seeded by split.seed), fold `fold` held out
+    folds: int | None = field(default=None, metadata=_range(2, 20))
+    fold: int = field(default=0, metadata=_range(0, 19))
     # a label file's columns: the image's path (relative to the file's folder), its label, its split
     path_column: str = "path"
     label_column: str = "label"

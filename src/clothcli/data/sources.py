@@ -293,12 +293,15 @@ def run_split(run_dir: Path | None, data: str | Path, recorded_root: str | None)
     return run_dir / SPLITS_FILE if Path(data).resolve() == Path(recorded_root).resolve() else None
 
 
-def split_samples(data: str | Path, split: str, classes: list[str], own_split: Path | None = None) -> SplitIndex:
+def split_samples(
+    data: str | Path, split: str, classes: list[str], own_split: Path | None = None, own_first: bool = False
+) -> SplitIndex:
     """The images of `split` of `data`, labelled by `classes` (a model's): from the run's own split file
     when given, from a label file's split, or from `data/<split>/` (else `data` itself, laid out by class,
-    all its images)."""
+    all its images). A split folder is what it is, unless `own_first`: a fold run of `train --folds`
+    drew its validation from the pooled train and validation folders, and only its split file says which."""
     folder_split = not is_label_file(data) and Path(data).is_dir() and find_split_dir(Path(data), split) is not None
-    if folder_split or (own_split is None and not is_label_file(data)):  # a split folder is what it is
+    if (folder_split and not (own_first and own_split is not None)) or (own_split is None and not is_label_file(data)):
         folder = resolve_eval_folder(data, split)
         return index_folder(folder, classes, name=split)
     if own_split is not None:
@@ -320,8 +323,10 @@ def split_samples(data: str | Path, split: str, classes: list[str], own_split: P
     return SplitIndex(split, index.root, samples)
 
 
-def available_splits(data: str | Path, own_split: Path | None = None) -> set[str]:
+def available_splits(data: str | Path, own_split: Path | None = None, own_first: bool = False) -> set[str]:
     """The splits `split_samples` can give for `data`."""
+    if own_first and own_split is not None:
+        return set(_label_file(own_split, DataConfig(), 4, folder=dataset_root(data)).index.splits)
     if own_split is None and not is_label_file(data):
         return {name for name in SPLIT_NAMES if find_split_dir(Path(data), name) is not None}
     source = own_split or Path(data)

@@ -58,7 +58,7 @@ def draw(key: str, seed: int) -> float:
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:16], 16) / 2**64
 
 
-def _group_ids(items: list[tuple[Path, str]], workers: int) -> tuple[list[int], list[str], list[str]]:
+def group_ids(items: list[tuple[Path, str]], workers: int) -> tuple[list[int], list[str], list[str]]:
     """Per item: its duplicate group (an index), and its content hash; and warnings."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         audits = list(pool.map(lambda item: inspect_file(item[0], "", item[1]), items))
@@ -92,7 +92,7 @@ def plan_splits(
         "test": cfg.test if test is None else test,
         "validation": cfg.validation if validation is None else validation,
     }
-    group_of, hashes, warnings = _group_ids(items, workers)
+    group_of, hashes, warnings = group_ids(items, workers)
     members: dict[int, list[int]] = {}
     for i, group in enumerate(group_of):
         members.setdefault(group, []).append(i)

@@ -22,7 +22,7 @@ from scipy.optimize import minimize_scalar
 from clothcli.backends import load_classifier
 from clothcli.data.inputs import images_under
 from clothcli.data.sources import available_splits
-from clothcli.engines.evaluate import labelled_outputs, model_outputs, own_split
+from clothcli.engines.evaluate import fold_run, labelled_outputs, model_outputs, own_split
 from clothcli.engines.rejection import ALL_SCORES, Rejector
 from clothcli.errors import UserError
 from clothcli.feature_scores import K_CHOICES, FeatureBank, fit_bank
@@ -150,7 +150,7 @@ def calibrate(
     what each score keeps and rejects."""
     data = Path(data if data is not None else default_data(model))
     classifier = load_classifier(model, device=device, calibrated=False, in_workers=False)
-    splits = available_splits(data, own_split(classifier, data))
+    splits = available_splits(data, own_split(classifier, data), own_first=fold_run(classifier))
     if fit_split not in splits:
         raise UserError(f"{data}: no {fit_split}/ split to fit the temperature on")
     previous = classifier.meta.get("temperature")

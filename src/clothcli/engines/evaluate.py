@@ -127,9 +127,14 @@ def own_split(classifier: Classifier, data: str | Path) -> Path | None:
     return run_split(classifier.source.parent, data, recorded)
 
 
+def fold_run(classifier: Classifier) -> bool:
+    """A run of `train --folds`: its split file, not the dataset's folders, says what its validation was."""
+    return ((classifier.meta.get("config") or {}).get("data") or {}).get("folds") is not None
+
+
 def split_of(classifier: Classifier, data: str | Path, split: str) -> SplitIndex:
     """The labelled images of `split` for this model (`data.sources.split_samples`)."""
-    return split_samples(data, split, classifier.classes, own_split(classifier, data))
+    return split_samples(data, split, classifier.classes, own_split(classifier, data), own_first=fold_run(classifier))
 
 
 def labelled_outputs(

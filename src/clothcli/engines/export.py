@@ -41,7 +41,7 @@ from clothcli.backends.onnx_runtime import EXPORT_EXTRA, OnnxClassifier
 from clothcli.backends.openvino_runtime import OpenVinoClassifier, convert_onnx, import_openvino, publish
 from clothcli.backends.pytorch import torch_module
 from clothcli.data.sources import available_splits
-from clothcli.engines.evaluate import model_outputs, own_split, split_of
+from clothcli.engines.evaluate import fold_run, model_outputs, own_split, split_of
 from clothcli.engines.quantize import quantize_int8, quiet, require_quantizer
 from clothcli.errors import UserError, require_packages
 from clothcli.formats import EXECUTORCH, ONNX, OPENVINO, model_format
@@ -368,7 +368,7 @@ class _Rejected(Exception):
 def _int8(
     output: Path, meta: dict[str, Any], classifier: Classifier, data: Path, samples: list, folder: str, count: int
 ) -> Int8Result:
-    if "train" not in available_splits(data, own_split(classifier, data)):
+    if "train" not in available_splits(data, own_split(classifier, data), own_first=fold_run(classifier)):
         raise UserError(f"{data}: no train split to calibrate int8 on")
     _, calibration = _labelled_images(classifier, data, "train", count, seed=1)
     quantized = quantize_int8(output, [p for p, _ in calibration], classifier.preprocess, _kept_metadata(meta))

@@ -105,6 +105,14 @@ def _open_data(cfg: Config, reporter: Reporter) -> Source:
     source = open_dataset(root, cfg.data, workers=max(1, cfg.data.num_workers))
     if source.plan is not None:
         reporter.message(describe_split(source.plan, source.index, cfg.data.split.seed))
+    if cfg.data.folds is not None:
+        from clothcli.data.folds import hold_out_fold
+
+        folds, fold = cfg.data.folds, cfg.data.fold
+        index = hold_out_fold(source.index, folds, fold, cfg.data.split.seed, max(1, cfg.data.num_workers))
+        source = Source(index, source.plan, source.bad_rows)
+        held, kept = len(index.splits["validation"].samples), len(index.splits["train"].samples)
+        reporter.message(f"fold {fold + 1} of {folds} held out as validation: {held} images, {kept} train")
     if "validation" not in source.index.splits:
         reporter.message(
             "warning: no validation images: no best/ checkpoint will be chosen (give a validation/ split, "
