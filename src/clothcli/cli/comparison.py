@@ -8,15 +8,22 @@ from typing import Annotated
 import typer
 
 from clothcli import render
-from clothcli.cli.options import BatchSizeOption, DeviceOption, WorkersOption, save
+from clothcli.cli.options import BatchSizeOption, DeviceOption, WorkersOption, save, save_json
 from clothcli.errors import UserError
 
 
 def compare(
     models: Annotated[
-        list[Path], typer.Argument(help="Run folders, checkpoint folders or exported .onnx files to put side by side.")
+        list[Path],
+        typer.Argument(
+            help="Run folders, checkpoint folders or exported files to put side by side; or fold groups of "
+            "train --folds, tested fold by fold."
+        ),
     ],
-    data: Annotated[Path, typer.Option(help="Dataset folder: every run is evaluated on its SPLIT.")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Dataset folder: every run is evaluated on its SPLIT.", show_default="needed for models"),
+    ] = None,
     split: Annotated[str, typer.Option(help="Split the accuracies and the tests are computed on.")] = "test",
     output: Annotated[
         Path | None,
@@ -38,11 +45,23 @@ def compare(
         bool, typer.Option(help="Reuse each run's stored evaluation while data and weights are unchanged.")
     ] = True,
 ) -> None:
-    """Models side by side on the same images: accuracy with intervals, McNemar tests, cost, the verdict."""
+    """Models side by side on the same images: accuracy with intervals, McNemar tests, cost, the verdict;
+    fold groups by the corrected resampled t-test."""
     from clothcli.engines.compare import compare_models
+    from clothcli.engines.fold_comparison import compare_fold_groups, is_fold_group
     from clothcli.render import plots
     from clothcli.render.documents import write_comparison
 
+    if models and all(is_fold_group(m) for m in models):
+        found = compare_fold_groups(models)
+        render.fold_comparison(found)
+        if output is not None:
+            if output.suffix.lower() != ".json":
+                raise UserError(f"fold groups are written as .json, got '{output.name}'")
+            save_json(output, found.to_dict())
+        return
+    if data is None:
+        raise UserError("compare needs --data DATA for models (only fold groups carry their results)")
     if output is not None and output.suffix.lower() not in (".md", ".json", ".csv"):
         raise UserError(f"-o must end in .md, .json or .csv, got '{output.name}'")
     for path in (output, plot):

@@ -78,6 +78,15 @@ def train(
             min=0.01, help="Minutes: stop before an epoch that would pass them (train.time_limit).", show_default="none"
         ),
     ] = None,
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            min=2,
+            max=20,
+            help="k-fold cross-validation: one run per fold, out-of-fold predictions, mean ± std.",
+            show_default="one run",
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune a timm model with HF Accelerate (CPU, GPU, mixed precision, accelerate launch)."""
     from clothcli.data.inputs import images_under
@@ -101,8 +110,15 @@ def train(
             output_dir=output_dir,
             time_limit=time_limit,
         )
-    elif time_limit is not None:
-        raise UserError("--time-limit applies to a new run; a resumed run keeps its recorded train.time_limit")
+    elif time_limit is not None or folds is not None:
+        raise UserError("--time-limit and --folds apply to a new run; --resume continues one run as recorded")
+    if folds is not None:
+        from clothcli.tuning.folds import cross_validate
+
+        with render.TrainProgress() as progress:
+            found = cross_validate(cfg, folds, reporter=progress)
+        render.cross_validation(found)
+        return
     with render.TrainProgress() as progress:
         try:
             result = run_training(cfg, resume=resume, reporter=progress)
@@ -183,6 +199,10 @@ def sweep(
     seeds: Annotated[
         int, typer.Option(min=1, max=20, help="Re-run the best 3 configurations over this many seeds; rank by mean.")
     ] = 1,
+    folds: Annotated[
+        int | None,
+        typer.Option(min=2, max=20, help="Each trial a k-fold cross-validation; the objective its mean accuracy."),
+    ] = None,
     data: DataOption = None,
     weights: WeightsOption = None,
     epochs: Annotated[
@@ -206,7 +226,7 @@ def sweep(
     with render.TrainProgress() as progress:
         result = run_sweep(
             config=config, space=space, trials=trials, overrides=set_ or [], options=nested, timeout_min=timeout,
-            jobs=jobs, seeds=seeds, worker=worker, reporter=progress,
+            jobs=jobs, seeds=seeds, folds=folds, worker=worker, reporter=progress,
         )  # fmt: skip
     if result is not None:
         render.sweep_summary(result)

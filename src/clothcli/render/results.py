@@ -316,3 +316,23 @@ def benchmark(report) -> None:
     table.add_row("decode only", "", "", "", "", "", "", f"{report.decode_images_per_s:.0f}")
     table.add_row("decode and preprocess", "", "", "", "", "", "", f"{report.preprocess_images_per_s:.0f}")
     console.print(table)
+
+
+def fold_comparison(found) -> None:
+    """Fold groups side by side: each one's held-out accuracy per fold, then the pairwise tests."""
+    table = Table(title=f"Fold groups ({found.groups[0].folds} folds, the same held-out images)")
+    for col in ("group", "model", "accuracy per fold", "mean ± std", "macro-F1 mean"):
+        table.add_column(col, justify="left" if col in ("group", "model") else "right")
+    for g in found.groups:
+        per_fold = " ".join(f"{a:.1%}" for a in g.accuracies)
+        table.add_row(
+            g.name, g.model, per_fold, f"{g.mean:.2%} ± {g.std:.2%}", f"{sum(g.macro_f1) / len(g.macro_f1):.4f}"
+        )
+    console.print(table)
+    tests = Table(title=f"Pairs: {found.test}")
+    for col in ("a", "b", "mean difference (a - b)", "t", "p", "verdict"):
+        tests.add_column(col, justify="left" if col in ("a", "b", "verdict") else "right")
+    for p in found.pairs:
+        verdict = "[bold]different[/]" if p.significant else "not significantly different"
+        tests.add_row(p.a, p.b, f"{p.mean_difference:+.2%}", f"{p.statistic:.2f}", f"{p.p_value:.3g}", verdict)
+    console.print(tests)

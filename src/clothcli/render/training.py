@@ -213,3 +213,19 @@ def sweep_summary(result, shown: int = 10) -> None:
     if result.best_config:
         written.append("best.yaml")
     note(f"wrote {', '.join(written)} in {result.directory}")
+
+
+def cross_validation(found) -> None:
+    """A `tuning.folds.CrossValidation`: each fold, then mean ± standard deviation."""
+    table = Table(title=f"{found.folds}-fold cross-validation ({found.model} model of each fold on its held-out fold)")
+    for col in ("fold", "images", "accuracy", "macro-F1", "minutes"):
+        table.add_column(col, justify="right")
+    for r in found.results:
+        table.add_row(str(r.fold), str(r.images), f"{r.accuracy:.2%}", f"{r.macro_f1:.4f}", f"{r.seconds / 60:.1f}")
+    console.print(table)
+    console.print(
+        f"accuracy [bold]{found.mean_accuracy:.2%} ± {found.std_accuracy:.2%}[/], macro-F1 {found.mean_f1:.4f} ± "
+        f"{found.std_f1:.4f} over {found.images} images; {found.seconds / 60:.1f} min",
+        highlight=False,
+    )
+    note(f"wrote oof.csv, folds.json and summary.md in {found.directory}")

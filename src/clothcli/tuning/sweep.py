@@ -166,10 +166,11 @@ class SweepPlan:
     base: Config
     directory: Path
     trials: int
+    folds: int | None = None  # each trial a fold group of this many folds; the objective its mean accuracy
 
     @property
     def monitor(self) -> str:
-        return self.base.train.monitor
+        return "fold_accuracy" if self.folds else self.base.train.monitor
 
     @property
     def direction(self) -> str:
@@ -184,7 +185,13 @@ class SweepPlan:
 
 
 def plan_sweep(
-    *, config: str | Path | None, space: str | Path, trials: int, overrides: list[str], options: dict[str, Any]
+    *,
+    config: str | Path | None,
+    space: str | Path,
+    trials: int,
+    overrides: list[str],
+    options: dict[str, Any],
+    folds: int | None = None,
 ) -> SweepPlan:
     """Everything checked before a trial runs: the config, the space against it, the data's presence."""
     if trials < 1:
@@ -192,8 +199,10 @@ def plan_sweep(
     config = str(config) if config is not None else None
     base = load_config(config, overrides, options)
     dimensions = read_space(space, config, overrides, options)
+    if folds is not None and base.train.early_stopping.patience is not None:
+        raise UserError("--folds needs a fixed number of epochs: drop train.early_stopping.patience")
     directory = Path(base.output_dir) / f"{base.name}-sweep"
-    return SweepPlan(config, list(overrides), dict(options), dimensions, base, directory, trials)
+    return SweepPlan(config, list(overrides), dict(options), dimensions, base, directory, trials, folds)
 
 
 def _storage(plan: SweepPlan) -> Any:
@@ -217,7 +226,7 @@ def _study(plan: SweepPlan) -> Any:
         finished = len(existing.get_trials(deepcopy=False, states=_counted(optuna)))
     except KeyError:
         pass
-    warmup = WARMUP_PERCENT if plan.by_fraction else WARMUP_EPOCHS
+    warmup = 1 if plan.folds else WARMUP_PERCENT if plan.by_fraction else WARMUP_EPOCHS
     return optuna.create_study(
         study_name="sweep",
         storage=storage,
@@ -251,6 +260,8 @@ def _objective(plan: SweepPlan, reporter: Reporter) -> Any:
         cfg = plan.config_for(values)
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         reporter.message(f"trial {trial.number}: {shown}" + (f" (resuming {run_dir.name})" if resumes else ""))
+        if plan.folds:
+            return _fold_trial(plan, trial, cfg, run_dir, reporter)
         watcher = TrialReporter(reporter, trial, plan.monitor, cfg.train.epochs, plan.by_fraction)
         try:
             if (run_dir / "state").is_dir():
@@ -273,6 +284,34 @@ def _objective(plan: SweepPlan, reporter: Reporter) -> Any:
         return float(result.best[plan.monitor])
 
     return objective
+
+
+def _fold_trial(plan: SweepPlan, trial: Any, cfg: Config, run_dir: Path, reporter: Reporter) -> float:
+    """One trial as a fold group (its folder `run_dir`): the mean held-out accuracy, reported fold by fold
+    to the pruner (the running mean after each fold, step = folds done)."""
+    from clothcli.tuning.folds import cross_validate
+
+    optuna = _optuna()
+    folds = int(plan.folds or 0)
+    cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name.removesuffix(f"-{folds}fold")
+    trial.set_user_attr("run", str(Path(cfg.output_dir) / f"{cfg.name}-{folds}fold"))
+    accuracies: list[float] = []
+
+    def on_fold(result: Any) -> None:
+        accuracies.append(result.accuracy)
+        trial.report(float(np.mean(accuracies)), len(accuracies))
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after fold {len(accuracies)}: mean accuracy {np.mean(accuracies):.4f}")
+
+    try:
+        found = cross_validate(cfg, folds, reporter, on_fold=on_fold)
+    except optuna.TrialPruned as pruned:
+        reporter.message(f"trial {trial.number}: {pruned}")
+        raise
+    finally:
+        gc.collect()
+    trial.set_user_attr("epochs_run", folds * cfg.train.epochs)
+    return found.mean_accuracy
 
 
 def run_trials(plan: SweepPlan, reporter: Reporter | None = None, timeout_s: float | None = None) -> None:
@@ -306,6 +345,8 @@ def _worker_command(plan: SweepPlan, space: str | Path, timeout_s: float | None)
             command += [flag, str(node)]
     if timeout_s is not None:
         command += ["--timeout", str(timeout_s / 60)]
+    if plan.folds:
+        command += ["--folds", str(plan.folds)]
     return command
 
 
@@ -330,13 +371,18 @@ def sweep(
     timeout_min: float | None = None,
     jobs: int = 1,
     seeds: int = 1,
+    folds: int | None = None,
     worker: bool = False,
     reporter: Reporter | None = None,
 ) -> SweepResult | None:
     """Run (or continue) the sweep; the main process writes the summary and, with `seeds` > 1, runs
-    the best configurations' other seeds. A `worker` (started by the main process) only runs trials."""
+    the best configurations' other seeds. A `worker` (started by the main process) only runs trials.
+    With `folds`, every trial is a k-fold cross-validation and the objective its mean held-out accuracy."""
     _optuna()
-    plan = plan_sweep(config=config, space=space, trials=trials, overrides=overrides or [], options=options or {})
+    if folds is not None and seeds > 1:
+        raise UserError("--folds already averages runs over folds: use --folds or --seeds, not both")
+    plan = plan_sweep(config=config, space=space, trials=trials, overrides=overrides or [], options=options or {},
+                      folds=folds)  # fmt: skip
     reporter = reporter or SilentReporter()
     timeout_s = timeout_min * 60 if timeout_min else None
     if worker:
@@ -468,7 +514,8 @@ def summarise(plan: SweepPlan, seeds: int = 1, reporter: Reporter | None = None)
     rows = _trial_rows(study)
     keys = [d.key for d in plan.dimensions]
     _write_tables(plan.directory, rows, keys, plan.monitor)
-    pruning = ("at each tenth of a trial's schedule (train.epochs is searched)" if plan.by_fraction
+    pruning = ("after each fold, on the running mean" if plan.folds
+               else "at each tenth of a trial's schedule (train.epochs is searched)" if plan.by_fraction
                else "at each epoch")  # fmt: skip
     result = SweepResult(plan.directory, plan.monitor, plan.direction, f"median pruner, {pruning}", rows)
     result.importance, result.importance_note = _importance(study, plan.directory)
