@@ -14,11 +14,22 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "conf").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (REPO / "conf").glob("*.yaml") if not p.name.startswith("space-"))
+)
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "conf" / name)
     assert isinstance(cfg, Config)
     assert Path(cfg.data.root).is_absolute()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "conf").glob("space-*.yaml")))
+def test_shipped_search_spaces_fit_their_configs(name):
+    """conf/space-NAME.yaml is the sweep space of conf/NAME.yaml: every key and end valid there."""
+    from clothcli.tuning.space import read_space
+
+    config = REPO / "conf" / name.removeprefix("space-")
+    assert len(read_space(REPO / "conf" / name, config)) >= 2
 
 
 def test_earlier_recipe_is_carried_over():

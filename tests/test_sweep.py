@@ -173,7 +173,7 @@ def test_time_limit_stops_before_an_epoch_that_would_pass_it(tiny_data, tmp_path
     assert result.stopped_by_time and len(result.history) == 1 and (result.run_dir / "best").is_dir()
     assert any("time limit: stopped before epoch 2 of 4" in m and "not compressed" in m for m in messages)
     resumed = runner.invoke(app, ["train", "--resume", str(result.run_dir), "--time-limit", "5"])
-    assert resumed.exit_code == 2 and "--time-limit applies to a new run" in resumed.output
+    assert resumed.exit_code == 2 and "--time-limit and --folds apply to a new run" in resumed.output
 
 
 def test_jobs_share_one_study(tiny_data, tmp_path, monkeypatch):
