@@ -321,7 +321,8 @@ def run_trials(plan: SweepPlan, reporter: Reporter | None = None, timeout_s: flo
     study = _study(plan)
     recovered = recover_killed_trials(study)
     if recovered:
-        reporter.message(f"trials {', '.join(map(str, recovered))} were killed: marked failed, queued to resume")
+        which = f"trial {recovered[0]} was" if len(recovered) == 1 else f"trials {', '.join(map(str, recovered))} were"
+        reporter.message(f"{which} killed: marked failed, its values queued to resume its run folder")
     if len(study.get_trials(deepcopy=False, states=_counted(optuna))) >= plan.trials:
         return
     stop = optuna.study.MaxTrialsCallback(plan.trials, states=_counted(optuna))
