@@ -226,7 +226,8 @@ def _study(plan: SweepPlan) -> Any:
         finished = len(existing.get_trials(deepcopy=False, states=_counted(optuna)))
     except KeyError:
         pass
-    warmup = 1 if plan.folds else WARMUP_PERCENT if plan.by_fraction else WARMUP_EPOCHS
+    # Optuna's earliest pruning step is the warm-up itself: a trial runs at least two epochs (two folds)
+    warmup = 2 if plan.folds else WARMUP_PERCENT if plan.by_fraction else WARMUP_EPOCHS
     return optuna.create_study(
         study_name="sweep",
         storage=storage,
