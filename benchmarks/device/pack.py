@@ -4,9 +4,10 @@ The device tool sends at most 64 MiB and not ../shared, so the dataset travels r
 short side of 256 px, JPEG quality 75 (every recipe here decodes to a short side of 256 px or less),
 with the MobileNetV3-Small weights: 56 MiB in all. Its test accuracy is therefore close to, not
 identical with, the original files'; evaluate the returned checkpoint on the originals here.
+`--wheels DIR` adds the wheels in DIR (packages the machine lacks: thop, the server's) to `.device/wheels`.
 
     python benchmarks/device/pack.py --data ../shared/datasets/clothing-dataset-small \\
-        --weights ../shared/weights/tf_mobilenetv3_small_100.in1k.safetensors
+        --weights ../shared/weights/tf_mobilenetv3_small_100.in1k.safetensors --wheels /tmp/wheels
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("--wheels", type=Path, help="a folder of .whl files to carry along")
     parser.add_argument("--out", type=Path, default=Path(".device"))
     parser.add_argument("--short-side", type=int, default=256)
     parser.add_argument("--quality", type=int, default=75)
@@ -49,6 +51,10 @@ def main() -> None:
             shutil.copy2(path, target)
     (args.out / "weights").mkdir(parents=True)
     shutil.copy2(args.weights, args.out / "weights" / args.weights.name)
+    if args.wheels:
+        (args.out / "wheels").mkdir()
+        for wheel in sorted(args.wheels.glob("*.whl")):
+            shutil.copy2(wheel, args.out / "wheels" / wheel.name)
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"packed {len(images)} images and {args.weights.name} into {args.out}: {size / 2**20:.1f} MiB")
 
