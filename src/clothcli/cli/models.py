@@ -14,7 +14,10 @@ from clothcli.cli.options import DeviceOption, InputSizeOption, JsonOption, save
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Run folder (uses best/), checkpoint folder or weights file.")],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="The file to write: .onnx (ONNX Runtime) or .xml (OpenVINO IR).")
+        Path,
+        typer.Option(
+            "--output", "-o", help="The file to write: .onnx (ONNX Runtime), .xml (OpenVINO IR) or .pte (ExecuTorch)."
+        ),
     ],
     opset: Annotated[int, typer.Option(min=18, max=23, help="ONNX opset version.")] = 18,
     verify: Annotated[
@@ -28,7 +31,7 @@ def export(
         float,
         typer.Option(
             min=0.0,
-            help="Largest logit difference ONNX Runtime may show against PyTorch, per unit of the largest logit.",
+            help="Largest logit difference the exported model may show against PyTorch, per unit of the largest logit.",
         ),
     ] = 1e-3,
     int8: Annotated[
