@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -332,6 +333,31 @@ def test_cli_bad_inputs_exit_2(tiny_dataset, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert "Traceback" not in result.output
     assert "did you mean" in runner.invoke(app, cases[1]).output
+
+
+def test_a_killed_loader_worker_is_one_line_with_the_resume_command(tiny_dataset, tmp_path, monkeypatch):
+    """The kernel's out-of-memory killer takes a DataLoader worker: one line naming the likely cause and how
+    to continue, exit 1, no traceback."""
+    from clothcli.data import loading
+
+    read = loading.ImageFiles.__getitem__
+    run = tmp_path / "runs" / "oom"
+
+    def killed_in_a_worker(self, key):  # in epoch 2, once epoch 1 is saved
+        if torch.utils.data.get_worker_info() is not None and (run / "state").is_dir():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return read(self, key)
+
+    monkeypatch.setattr(loading.ImageFiles, "__getitem__", killed_in_a_worker)
+    args = [*cli_train_args(tiny_dataset, tmp_path / "runs", "oom"), "--set", "data.num_workers=1"]
+    result = runner.invoke(app, [*args, "--set", "data.cache=none"])
+    assert result.exit_code == 1, result.output
+    assert "DataLoader worker" in result.output and "out of memory" in result.output
+    assert f"clothcli train --resume {run}" in result.output and "Traceback" not in result.output
+    monkeypatch.setattr(loading.ImageFiles, "__getitem__", read)
+    resumed = runner.invoke(app, ["train", "--resume", str(run)])
+    assert resumed.exit_code == 0, resumed.output
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3  # the header and both epochs
 
 
 def test_resume_without_a_recorded_config_is_one_line(tiny_dataset, tmp_path):

@@ -125,11 +125,18 @@ def train(
         except KeyboardInterrupt:
             if progress.run_dir is None:
                 raise
-            render.error(
-                f"interrupted; last/ and state/ hold the last completed epoch. Continue with: "
-                f"clothcli train --resume {progress.run_dir}"
-            )
+            render.error(f"interrupted; {_continue_with(progress.run_dir)}")
             raise typer.Exit(130) from None
+        except RuntimeError as exc:
+            if not _loader_worker_died(exc):
+                raise
+            # torch's message ends in a traceback hint; the kernel's out-of-memory killer is the usual cause
+            render.error(
+                f"{str(exc).splitlines()[0].strip()} (most often the machine ran out of memory: lower "
+                f"data.num_workers or train.batch_size, or set data.cache=disk)"
+                + (f"; {_continue_with(progress.run_dir)}" if progress.run_dir is not None else "")
+            )
+            raise typer.Exit(1) from None
     if result.main_process:
         render.train_summary(result)
         if calibrate_ood is not None:
@@ -246,3 +253,15 @@ def _config_options(options: dict) -> dict:
             node = node.setdefault(part, {})
         node[leaf] = value
     return nested
+
+
+def _continue_with(run_dir: Path) -> str:
+    """How to go on after a run stopped mid-way: --resume once an epoch is saved, else start it again."""
+    if not (run_dir / "state").is_dir():
+        return f"no epoch had finished, so {run_dir} holds nothing to resume: start the run again"
+    return f"last/ and state/ hold the last completed epoch. Continue with: clothcli train --resume {run_dir}"
+
+
+def _loader_worker_died(exc: RuntimeError) -> bool:
+    """Whether `exc` is PyTorch's report of a DataLoader worker process killed or exited mid-epoch."""
+    return "DataLoader worker" in str(exc)
