@@ -5,7 +5,9 @@
 #          pip download -d /tmp/wheels --no-deps --only-binary=:all: --python-version 312 \
 #              --platform manylinux_2_17_x86_64 pydantic-core          (one per Python the machine may have)
 #          python benchmarks/device/pack.py --data ../shared/datasets/clothing-dataset-small \
-#              --weights ../shared/weights/tf_mobilenetv3_small_100.in1k.safetensors --wheels /tmp/wheels
+#              --weights ../shared/weights/tf_mobilenetv3_small_100.in1k.safetensors --wheels /tmp/wheels \
+#              --quality 70      (JPEG q70 keeps data, weights and wheels at 55 MiB, inside what the tool carries;
+#                                 the H200 machine has Python 3.12, so one pydantic-core wheel: cp312)
 #   then:  run(command="bash benchmarks/device/session.sh", carry=[".device"], timeout_s=580)
 # Uses the machine's own torch/timm/accelerate; what it lacks (thop, the server's packages) comes as
 # wheels in .device/wheels, installed offline into /tmp/extra. Everything lands in one archive,
