@@ -257,7 +257,9 @@ def _config_options(options: dict) -> dict:
 
 def _continue_with(run_dir: Path) -> str:
     """How to go on after a run stopped mid-way: --resume once an epoch is saved, else start it again."""
-    if not (run_dir / "state").is_dir():
+    from clothcli.training.run_folder import STATE_DIR
+
+    if not (run_dir / STATE_DIR).is_dir():
         return f"no epoch had finished, so {run_dir} holds nothing to resume: start the run again"
     return f"last/ and state/ hold the last completed epoch. Continue with: clothcli train --resume {run_dir}"
 
