@@ -102,20 +102,41 @@ def planted_hashes(n: int, clustered: int, seed: int = 0, most: int = 20):
 def test_near_duplicate_index_finds_exactly_the_all_pairs_groups(monkeypatch):
     import numpy as np
 
-    from clothcli.data import duplicates
+    from clothcli.data import near_duplicates as index
 
-    for n, clustered in ((1, 0), (50, 0), (3000, 600)):
+    def reference(bits, max_bits):
+        return index.groups_of(len(bits), index.all_pairs(bits, max_bits))
+
+    for n, clustered in ((1, 0), (2, 0), (50, 0), (3000, 600)):
         bits = planted_hashes(n, clustered)
-        for max_bits in (0, 1, 12, duplicates.NEAR_DUPLICATE_BITS, 25):  # exact substrings, and one bit apart
-            assert duplicates.near_pairs(bits, max_bits) == duplicates.all_pairs(bits, max_bits), (n, max_bits)
-    # buckets too large to check pair by pair go through the matrix product: still the same pairs
-    monkeypatch.setattr(duplicates, "DENSE_BUCKET", 64)
-    bits = planted_hashes(2000, 700, seed=1)
-    found = duplicates.near_pairs(bits, 12)
-    assert found == duplicates.all_pairs(bits, 12) and len(found) > 100
-    assert duplicates.near_pairs(bits, 0) == duplicates.all_pairs(bits, 0)
-    # two large groups one bit apart: the bucket pair goes through the matrix product too
+        for max_bits in (0, 1, 12, 18, 25):  # exact substrings, and one bit apart
+            assert index.near_groups(bits, max_bits) == reference(bits, max_bits), (n, max_bits)
+    assert len(reference(planted_hashes(3000, 600), 12)) > 100
+    # buckets too large to check pair by pair go through matrix products: one group against the rest
+    # when they are few, every pair when they are many, and two large neighbouring buckets one against
+    # the other. 900 hashes on one "background" (20 free bits) make buckets of many groups.
+    monkeypatch.setattr(index, "DENSE_BUCKET", 64)
+    calls = {"dense": 0, "cross": 0}
+    dense, dense_pairs = index._Search.dense, index._dense_pairs
+
+    def counted_dense(self, groups):
+        calls["dense"] += 1
+        return dense(self, groups)
+
+    def counted_pairs(bits, members, max_bits, others=None):
+        calls["cross"] += others is not None
+        return dense_pairs(bits, members, max_bits, others=others)
+
+    monkeypatch.setattr(index._Search, "dense", counted_dense)
+    monkeypatch.setattr(index, "_dense_pairs", counted_pairs)
+    bits = planted_hashes(1500, 0, seed=2)
+    bits[:900, :236] = False
+    for max_bits in (0, 3, 6, 12):
+        assert index.near_groups(bits, max_bits) == reference(bits, max_bits), max_bits
+    assert calls["dense"] > 10 and calls["cross"] > 10
+    # two large groups of copies one bit apart, joined into one
     twins = np.repeat(bits[:1], 300, axis=0)
     twins[150:, 7] ^= True
     both = np.concatenate([twins, bits])
-    assert duplicates.near_pairs(both, 18) == duplicates.all_pairs(both, 18)
+    assert index.near_groups(both, 18) == reference(both, 18)
+    assert set(range(300)) <= set(index.near_groups(both, 18)[0])

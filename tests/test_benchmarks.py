@@ -71,6 +71,6 @@ def test_scale_benchmarks_tiny_mode(script, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
     if script == "duplicate_search.py":  # the index finds what comparing every pair finds
-        assert all(row["same_as_all_pairs"] and row["pairs"] > 0 for row in result["results"])
+        assert all(row["same_groups_as_all_pairs"] and row["groups"] > 0 for row in result["results"])
     else:  # one in a hundred images is a re-encoded copy
         assert result["images"] == 600 and result["duplicate_groups"] >= 5

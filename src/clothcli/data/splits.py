@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from clothcli.config import SplitConfig
-from clothcli.data.duplicates import NEAR_DUPLICATE_BITS, groups_of, inspect_file, near_pairs
+from clothcli.data.duplicates import NEAR_DUPLICATE_BITS, inspect_file
+from clothcli.data.near_duplicates import groups_of, near_groups
 
 SPLITS_FILE = "splits.csv"
 SPLIT_COLUMNS = ["path", "class", "split", "group"]
@@ -74,7 +75,8 @@ def group_ids(items: list[tuple[Path, str]], workers: int) -> tuple[list[int], l
     readable = [i for i, a in enumerate(audits) if a.dhash is not None]
     if readable:
         bits = np.stack([audits[i].dhash for i in readable])
-        pairs.extend((readable[a], readable[b]) for a, b in near_pairs(bits, max_bits=NEAR_DUPLICATE_BITS))
+        for group in near_groups(bits, max_bits=NEAR_DUPLICATE_BITS):
+            pairs.extend((readable[group[0]], readable[i]) for i in group[1:])
     group_of = list(range(len(items)))
     for members in groups_of(len(items), pairs):
         for i in members:
