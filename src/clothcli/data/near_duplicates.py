@@ -21,6 +21,7 @@ _BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(
 
 MIN_SUBSTRING, MAX_SUBSTRING = 12, 24  # bits per substring of the multi-index search
 DENSE_BUCKET = 2048  # a bucket this large is checked by matrix products instead of pair by pair
+DENSE_NEIGHBOURHOOD = 1 << 16  # a value's pairs with its one-bit neighbours checked by one matrix product
 DENSE_BLOCKS = 64  # a large bucket of at most this many groups: each group against the rest, else all pairs
 PAIR_CHUNK = 1 << 20
 DENSE_BLOCK = 1 << 23  # distances computed at once by the matrix product: 32 MB of float32
@@ -92,11 +93,15 @@ def _expand(
     first_a: np.ndarray, count_a: np.ndarray, first_b: np.ndarray, count_b: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each row r, every (i, j) with i in first_a[r] + range(count_a[r]) and j in first_b[r] + range(count_b[r])."""
-    counts = count_a * count_b
-    row = np.repeat(np.arange(len(counts)), counts)
-    within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    wide = count_b[row]
-    return first_a[row] + within // wide, first_b[row] + within % wide
+    a_items = _ranges(first_a, count_a)  # every i, in row order
+    b_count = np.repeat(count_b, count_a)  # how many j each i meets
+    return np.repeat(a_items, b_count), _ranges(np.repeat(first_b, count_a), b_count)
+
+
+def _ranges(first: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """first[r] + range(count[r]) for every row r, laid end to end (no division: repeats and one arange)."""
+    total = int(count.sum())
+    return np.repeat(first - (np.cumsum(count) - count), count) + np.arange(total)
 
 
 def _same_run_pairs(run_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -247,6 +252,25 @@ def _pivot_edges(search: _Search, keys: np.ndarray, order: np.ndarray) -> np.nda
     return search.check(pivots[others], order[others])
 
 
+def _slices(counts: np.ndarray, limit: int = 4 * PAIR_CHUNK) -> list[slice]:
+    """Consecutive slices of rows whose `counts` (pairs each row expands to) add up to about `limit`, so
+    no expansion holds more than that many pairs at once."""
+    if not len(counts):
+        return []
+    ends = np.searchsorted(np.cumsum(counts), np.arange(limit, int(counts.sum()), limit), side="right")
+    bounds = np.unique(np.r_[0, ends, len(counts)])
+    return [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
+
+
+def _block_pair_edges(search: _Search, blocks: _Blocks, block_a: np.ndarray, block_b: np.ndarray) -> list[np.ndarray]:
+    """Edges between every item of block_a[r] and every item of block_b[r], in slices of bounded size."""
+    found = []
+    for part in _slices(blocks.sizes[block_a] * blocks.sizes[block_b]):
+        a, b = blocks.member_pairs(block_a[part], block_b[part])
+        found.append(search.check(a, b))
+    return found
+
+
 def _equal_edges(search: _Search, blocks: _Blocks) -> list[np.ndarray]:
     """Edges between items of one substring value in different groups."""
     small = blocks.run_items <= DENSE_BUCKET
@@ -259,13 +283,15 @@ def _equal_edges(search: _Search, blocks: _Blocks) -> list[np.ndarray]:
     block_at = np.repeat(blocks.run_starts[runs], block_runs) + (
         np.arange(int(block_runs.sum())) - np.repeat(np.cumsum(block_runs) - block_runs, block_runs)
     )
-    a, b = blocks.member_pairs(block_at[i], block_at[j])
-    found.append(search.check(a, b))
-    return found
+    return found + _block_pair_edges(search, blocks, block_at[i], block_at[j])
 
 
 def _neighbour_edges(search: _Search, blocks: _Blocks, width: int) -> list[np.ndarray]:
-    """Edges between items whose substring values differ in one bit, in different groups."""
+    """Edges between items whose substring values differ in one bit, in different groups.
+
+    Values with few set bits (flat photos) are shared by many hashes and have many such neighbours: each
+    of those values is checked against all its neighbours at once by one matrix product when that is more
+    than DENSE_NEIGHBOURHOOD pairs, the rest pair by pair."""
     run_of = np.full(1 << width, -1, dtype=np.int32)  # a direct table: one gather per probe, no search
     run_of[blocks.run_keys] = np.arange(len(blocks.run_keys), dtype=np.int32)
     pairs_u, pairs_v = [], []
@@ -276,24 +302,35 @@ def _neighbour_edges(search: _Search, blocks: _Blocks, width: int) -> list[np.nd
         pairs_u.append(u)
         pairs_v.append(at[u].astype(np.int64))
     u, v = np.concatenate(pairs_u), np.concatenate(pairs_v)
+    # each pair of values from the one with more hashes: a value with many neighbours gathers them all
+    anchor = np.where(blocks.run_items[u] >= blocks.run_items[v], u, v)
+    partner = u + v - anchor
+    by_anchor = np.argsort(anchor, kind="stable")
+    anchor, partner = anchor[by_anchor], partner[by_anchor]
+    pairs = blocks.run_items[anchor] * blocks.run_items[partner]
+    heavy = np.zeros(len(anchor), dtype=bool)
     found = []
-    large = blocks.run_items[u] * blocks.run_items[v] > DENSE_BUCKET * DENSE_BUCKET
-    for x, y in zip(u[large], v[large]):
-        if len(np.unique(np.concatenate([blocks.run_labels(x), blocks.run_labels(y)]))) > 1:
-            members = blocks.run_members(x)
-            found.append(_dense_pairs(search.bits, members, search.max_bits, others=blocks.run_members(y)))
-    u, v = u[~large], v[~large]
+    if len(anchor):
+        starts = np.flatnonzero(np.r_[True, anchor[1:] != anchor[:-1]])
+        ends = np.r_[starts[1:], len(anchor)]
+        for group in np.flatnonzero(np.add.reduceat(pairs, starts) > DENSE_NEIGHBOURHOOD):
+            first, last = starts[group], ends[group]
+            heavy[first:last] = True
+            x, ys = anchor[first], partner[first:last]
+            labels = np.concatenate([blocks.run_labels(x)] + [blocks.run_labels(y) for y in ys])
+            if (labels != labels[0]).any():  # else all one group already
+                others = np.concatenate([blocks.run_members(y) for y in ys])
+                found.append(_dense_pairs(search.bits, blocks.run_members(x), search.max_bits, others=others))
+    u, v = anchor[~heavy], partner[~heavy]
     # most values of spread-out hashes belong to one hash each: their pairs need no expansion
     single = (blocks.run_items[u] == 1) & (blocks.run_items[v] == 1)
     one_a, one_b = blocks.run_starts[u[single]], blocks.run_starts[v[single]]
     apart = blocks.labels[one_a] != blocks.labels[one_b]
-    single_a, single_b = blocks.order[blocks.starts[one_a[apart]]], blocks.order[blocks.starts[one_b[apart]]]
+    found.append(search.check(blocks.order[blocks.starts[one_a[apart]]], blocks.order[blocks.starts[one_b[apart]]]))
     u, v = u[~single], v[~single]
     block_a, block_b = _expand(blocks.run_starts[u], blocks.run_blocks[u], blocks.run_starts[v], blocks.run_blocks[v])
     apart = blocks.labels[block_a] != blocks.labels[block_b]
-    more_a, more_b = blocks.member_pairs(block_a[apart], block_b[apart])
-    found.append(search.check(np.concatenate([single_a, more_a]), np.concatenate([single_b, more_b])))
-    return found
+    return found + _block_pair_edges(search, blocks, block_a[apart], block_b[apart])
 
 
 def near_groups(bits: np.ndarray, max_bits: int) -> list[list[int]]:
@@ -325,6 +362,7 @@ def near_groups(bits: np.ndarray, max_bits: int) -> list[list[int]]:
         found = _equal_edges(search, blocks)
         if search.probe:
             found += _neighbour_edges(search, blocks, hi - lo)
-        edges = np.concatenate(found)
-        labels = _merge(labels, edges[:, 0], edges[:, 1])
+        if found:
+            edges = np.concatenate(found)
+            labels = _merge(labels, edges[:, 0], edges[:, 1])
     return groups_from_labels(labels)
