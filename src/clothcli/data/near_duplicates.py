@@ -99,9 +99,15 @@ def _expand(
 
 
 def _ranges(first: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """first[r] + range(count[r]) for every row r, laid end to end (no division: repeats and one arange)."""
+    """first[r] + range(count[r]) for every row r, laid end to end (no division: repeats and one arange), in
+    32-bit integers where they fit: these arrays run to millions of entries, and memory traffic is their cost."""
     total = int(count.sum())
-    return np.repeat(first - (np.cumsum(count) - count), count) + np.arange(total)
+    fits = total < 2**31 and (not len(first) or int(first.max()) + total < 2**31)
+    kind = np.int32 if fits else np.int64
+    ends = np.cumsum(count, dtype=kind)
+    return np.repeat(first.astype(kind, copy=False) - (ends - count.astype(kind, copy=False)), count) + np.arange(
+        total, dtype=kind
+    )
 
 
 def _same_run_pairs(run_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -174,10 +180,9 @@ class _Blocks:
     def block_members(self, block: int) -> np.ndarray:
         return self.order[self.starts[block] : self.starts[block] + self.sizes[block]]
 
-    def member_pairs(self, block_a: np.ndarray, block_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Every item of block_a[r] with every item of block_b[r]."""
-        a, b = _expand(self.starts[block_a], self.sizes[block_a], self.starts[block_b], self.sizes[block_b])
-        return self.order[a], self.order[b]
+    def member_positions(self, block_a: np.ndarray, block_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every item of block_a[r] with every item of block_b[r], as positions in `order`."""
+        return _expand(self.starts[block_a], self.sizes[block_a], self.starts[block_b], self.sizes[block_b])
 
 
 class _Search:
@@ -219,14 +224,21 @@ class _Search:
             keys = keys | (self.packed[:, word + 1] << np.uint64(64 - shift))
         return (keys & np.uint64((1 << (hi - lo)) - 1)).astype(np.int64)
 
-    def check(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """The candidate pairs (a[i], b[i]) truly within max_bits, as rows of an (k, 2) array."""
+    def in_order(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The packed hashes (and their first words) laid out in `order`: a bucket's members then sit side
+        by side in memory, so checking its pairs reads memory in runs instead of gathering across it."""
+        return self.packed[order], self.first[order]
+
+    def check(self, a: np.ndarray, b: np.ndarray, codes: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """The candidate pairs (a[i], b[i]) truly within max_bits, as rows of an (k, 2) array; with `codes`
+        from `in_order`, a and b are positions in that order and so are the pairs returned."""
+        packed, first = codes or (self.packed, self.first)
         found = []
         for start in range(0, len(a), PAIR_CHUNK):
             x, y = a[start : start + PAIR_CHUNK], b[start : start + PAIR_CHUNK]
-            close = _hamming(self.first, x, y) <= self.max_bits
+            close = _hamming(first, x, y) <= self.max_bits
             x, y = x[close], y[close]
-            close = _hamming(self.packed, x, y) <= self.max_bits
+            close = _hamming(packed, x, y) <= self.max_bits
             found.append(np.stack([x[close], y[close]], axis=1))
         return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
 
@@ -262,16 +274,19 @@ def _slices(counts: np.ndarray, limit: int = 4 * PAIR_CHUNK) -> list[slice]:
     return [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
 
 
-def _block_pair_edges(search: _Search, blocks: _Blocks, block_a: np.ndarray, block_b: np.ndarray) -> list[np.ndarray]:
-    """Edges between every item of block_a[r] and every item of block_b[r], in slices of bounded size."""
+def _block_pair_edges(
+    search: _Search, blocks: _Blocks, codes: tuple[np.ndarray, np.ndarray], block_a: np.ndarray, block_b: np.ndarray
+) -> list[np.ndarray]:
+    """Edges between every item of block_a[r] and every item of block_b[r], in slices of bounded size,
+    checked on the hashes in the blocks' order (`codes`) and returned as items."""
     found = []
     for part in _slices(blocks.sizes[block_a] * blocks.sizes[block_b]):
-        a, b = blocks.member_pairs(block_a[part], block_b[part])
-        found.append(search.check(a, b))
+        a, b = blocks.member_positions(block_a[part], block_b[part])
+        found.append(blocks.order[search.check(a, b, codes)])
     return found
 
 
-def _equal_edges(search: _Search, blocks: _Blocks) -> list[np.ndarray]:
+def _equal_edges(search: _Search, blocks: _Blocks, codes: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
     """Edges between items of one substring value in different groups."""
     small = blocks.run_items <= DENSE_BUCKET
     found = []
@@ -283,10 +298,12 @@ def _equal_edges(search: _Search, blocks: _Blocks) -> list[np.ndarray]:
     block_at = np.repeat(blocks.run_starts[runs], block_runs) + (
         np.arange(int(block_runs.sum())) - np.repeat(np.cumsum(block_runs) - block_runs, block_runs)
     )
-    return found + _block_pair_edges(search, blocks, block_at[i], block_at[j])
+    return found + _block_pair_edges(search, blocks, codes, block_at[i], block_at[j])
 
 
-def _neighbour_edges(search: _Search, blocks: _Blocks, width: int) -> list[np.ndarray]:
+def _neighbour_edges(
+    search: _Search, blocks: _Blocks, codes: tuple[np.ndarray, np.ndarray], width: int
+) -> list[np.ndarray]:
     """Edges between items whose substring values differ in one bit, in different groups.
 
     Values with few set bits (flat photos) are shared by many hashes and have many such neighbours: each
@@ -326,11 +343,11 @@ def _neighbour_edges(search: _Search, blocks: _Blocks, width: int) -> list[np.nd
     single = (blocks.run_items[u] == 1) & (blocks.run_items[v] == 1)
     one_a, one_b = blocks.run_starts[u[single]], blocks.run_starts[v[single]]
     apart = blocks.labels[one_a] != blocks.labels[one_b]
-    found.append(search.check(blocks.order[blocks.starts[one_a[apart]]], blocks.order[blocks.starts[one_b[apart]]]))
+    found.append(blocks.order[search.check(blocks.starts[one_a[apart]], blocks.starts[one_b[apart]], codes)])
     u, v = u[~single], v[~single]
     block_a, block_b = _expand(blocks.run_starts[u], blocks.run_blocks[u], blocks.run_starts[v], blocks.run_blocks[v])
     apart = blocks.labels[block_a] != blocks.labels[block_b]
-    return found + _block_pair_edges(search, blocks, block_a[apart], block_b[apart])
+    return found + _block_pair_edges(search, blocks, codes, block_a[apart], block_b[apart])
 
 
 def near_groups(bits: np.ndarray, max_bits: int) -> list[list[int]]:
@@ -359,9 +376,10 @@ def near_groups(bits: np.ndarray, max_bits: int) -> list[list[int]]:
     labels = _merge(labels, edges[:, 0], edges[:, 1])
     for (lo, hi), order in zip(search.bounds, orders):
         blocks = _Blocks.of(search.substring(lo, hi), order, labels)
-        found = _equal_edges(search, blocks)
+        codes = search.in_order(blocks.order)
+        found = _equal_edges(search, blocks, codes)
         if search.probe:
-            found += _neighbour_edges(search, blocks, hi - lo)
+            found += _neighbour_edges(search, blocks, codes, hi - lo)
         if found:
             edges = np.concatenate(found)
             labels = _merge(labels, edges[:, 0], edges[:, 1])
