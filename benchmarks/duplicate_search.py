@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import ImageEnhance, ImageOps
+from reference_outputs import host as cpu_description
 
 from clothcli.data.duplicates import HASH_DECODE, NEAR_DUPLICATE_BITS, dhash
 from clothcli.data.images import load_rgb
@@ -144,7 +145,7 @@ def main() -> None:
                 f"{row['groups']:>8,} | {row['images_in_groups']:>9,} | {checked}",
                 flush=True,
             )
-    host = {"machine": platform.processor() or platform.machine(), "python": platform.python_version()}
+    host = {"cpu": cpu_description(), "python": platform.python_version()}
     if args.json:
         args.json.write_text(json.dumps({"host": host, "results": results}, indent=2) + "\n")
 
