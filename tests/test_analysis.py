@@ -140,3 +140,16 @@ def test_near_duplicate_index_finds_exactly_the_all_pairs_groups(monkeypatch):
     both = np.concatenate([twins, bits])
     assert index.near_groups(both, 18) == reference(both, 18)
     assert set(range(300)) <= set(index.near_groups(both, 18)[0])
+
+
+def test_ranges_use_32_bit_positions_only_where_they_fit():
+    import numpy as np
+
+    from clothcli.data.near_duplicates import _ranges
+
+    first, count = np.array([5, 0, 9]), np.array([2, 0, 3])
+    small = _ranges(first, count)
+    assert small.tolist() == [5, 6, 9, 10, 11] and small.dtype == np.int32
+    large = _ranges(np.array([2**31 - 2, 2**33]), np.array([3, 1]))  # past int32: int64, no wrap-around
+    assert large.tolist() == [2**31 - 2, 2**31 - 1, 2**31, 2**33] and large.dtype == np.int64
+    assert _ranges(np.array([], dtype=np.int64), np.array([], dtype=np.int64)).size == 0
