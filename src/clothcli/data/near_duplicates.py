@@ -26,6 +26,8 @@ DENSE_BLOCKS = 64  # a large bucket of at most this many groups: each group agai
 PAIR_CHUNK = 1 << 20
 DENSE_BLOCK = 1 << 23  # distances computed at once by the matrix product: 32 MB of float32
 
+Codes = tuple[np.ndarray, np.ndarray]  # packed hashes and their first words, as `_Search.in_order` lays them out
+
 
 def _hamming(packed: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Bits that differ between rows a and b of `packed` (bytes, or 64-bit words when the width allows)."""
@@ -224,12 +226,12 @@ class _Search:
             keys = keys | (self.packed[:, word + 1] << np.uint64(64 - shift))
         return (keys & np.uint64((1 << (hi - lo)) - 1)).astype(np.int64)
 
-    def in_order(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def in_order(self, order: np.ndarray) -> Codes:
         """The packed hashes (and their first words) laid out in `order`: a bucket's members then sit side
         by side in memory, so checking its pairs reads memory in runs instead of gathering across it."""
         return self.packed[order], self.first[order]
 
-    def check(self, a: np.ndarray, b: np.ndarray, codes: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    def check(self, a: np.ndarray, b: np.ndarray, codes: Codes | None = None) -> np.ndarray:
         """The candidate pairs (a[i], b[i]) truly within max_bits, as rows of an (k, 2) array; with `codes`
         from `in_order`, a and b are positions in that order and so are the pairs returned."""
         packed, first = codes or (self.packed, self.first)
@@ -275,7 +277,7 @@ def _slices(counts: np.ndarray, limit: int = 4 * PAIR_CHUNK) -> list[slice]:
 
 
 def _block_pair_edges(
-    search: _Search, blocks: _Blocks, codes: tuple[np.ndarray, np.ndarray], block_a: np.ndarray, block_b: np.ndarray
+    search: _Search, blocks: _Blocks, codes: Codes, block_a: np.ndarray, block_b: np.ndarray
 ) -> list[np.ndarray]:
     """Edges between every item of block_a[r] and every item of block_b[r], in slices of bounded size,
     checked on the hashes in the blocks' order (`codes`) and returned as items."""
@@ -286,7 +288,7 @@ def _block_pair_edges(
     return found
 
 
-def _equal_edges(search: _Search, blocks: _Blocks, codes: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
+def _equal_edges(search: _Search, blocks: _Blocks, codes: Codes) -> list[np.ndarray]:
     """Edges between items of one substring value in different groups."""
     small = blocks.run_items <= DENSE_BUCKET
     found = []
@@ -295,15 +297,11 @@ def _equal_edges(search: _Search, blocks: _Blocks, codes: tuple[np.ndarray, np.n
     runs = np.flatnonzero(small & (blocks.run_blocks > 1))
     block_runs = blocks.run_blocks[runs]
     i, j = _same_run_pairs(block_runs)  # positions among these runs' blocks, laid end to end
-    block_at = np.repeat(blocks.run_starts[runs], block_runs) + (
-        np.arange(int(block_runs.sum())) - np.repeat(np.cumsum(block_runs) - block_runs, block_runs)
-    )
+    block_at = _ranges(blocks.run_starts[runs], block_runs)
     return found + _block_pair_edges(search, blocks, codes, block_at[i], block_at[j])
 
 
-def _neighbour_edges(
-    search: _Search, blocks: _Blocks, codes: tuple[np.ndarray, np.ndarray], width: int
-) -> list[np.ndarray]:
+def _neighbour_edges(search: _Search, blocks: _Blocks, codes: Codes, width: int) -> list[np.ndarray]:
     """Edges between items whose substring values differ in one bit, in different groups.
 
     Values with few set bits (flat photos) are shared by many hashes and have many such neighbours: each
