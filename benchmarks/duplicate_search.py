@@ -1,13 +1,18 @@
 """Near-duplicate search at 10k to 1M hashes: clothcli's multi-index hashing against all pairs.
 
-Two kinds of 256-bit difference hashes, each with near copies planted (a copy of a hash with up to two
-bits more flipped than the threshold allows, so some fall just past it):
+256-bit difference hashes, each set with near copies planted (a copy of a hash with up to two bits more
+flipped than the threshold allows, so some fall just past it):
 - uniform: random bits, the easy case (buckets of a substring's value stay small);
 - real: the difference hashes of the dataset's photos and of augmented variants of them (random crops
   of 35-100% of the side, mirrored, brightness and contrast changed). Photos of one shop share the
-  background, so their hashes cluster: large buckets, the hard case.
+  background, so their hashes cluster: large buckets, the hard case. The pool holds an equal number of
+  variants of every photo, enough for the largest size, and is used two ways:
+  - real: the first n hashes of the pool: every photo, with more variants of each as n grows (at a
+    million ten times as many as at 100k, so the clusters get denser with n);
+  - real-photos: every variant of as many photos as make n (photos in a seeded order): as many variants
+    of each photo at every size, so n grows as a catalogue does, by more products.
 
-The hashes of each size are the first n of one pool, with their near copies planted among them. For
+The hashes of each size are taken from one pool, with their near copies planted among them. For
 each size: the time and peak traced memory (NumPy's allocations, via tracemalloc) of
 `data.near_duplicates.near_groups`, the groups found, and up to `--check-upto` hashes the all-pairs
 search (`all_pairs`, a chunked matrix product) on the same hashes: its pairs, its time, and whether its
@@ -23,13 +28,14 @@ import argparse
 import json
 import math
 import platform
+import tempfile
 import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 from reference_outputs import host as cpu_description
 
 from clothcli.data.duplicates import HASH_DECODE, NEAR_DUPLICATE_BITS, dhash
@@ -75,13 +81,47 @@ def variants(path: Path, count: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def real_hashes(data: Path, n: int, seed: int = 0, workers: int = 2) -> np.ndarray:
+def real_hashes(data: Path, n: int, seed: int = 0, workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """n hashes of variants of the photos under `data`, shuffled, and the photo (its index) of each."""
     photos = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     per_photo = math.ceil(n / len(photos))
     with ThreadPoolExecutor(workers) as pool:
         found = pool.map(lambda item: variants(item[1], per_photo, seed + item[0]), enumerate(photos))
         rows = [h for hashes in found for h in hashes]
-    return np.stack(rows)[np.random.default_rng(seed).permutation(len(rows))[:n]]
+    shuffled = np.random.default_rng(seed).permutation(len(rows))[:n]
+    return np.stack(rows)[shuffled], shuffled // per_photo
+
+
+def whole_photos(photos: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Positions of n pool rows taking every variant of one photo after another (photos in a seeded order),
+    in pool order."""
+    rank = np.random.default_rng(seed).permutation(int(photos.max()) + 1)[photos]
+    return np.sort(np.lexsort((np.arange(len(photos)), rank))[:n])
+
+
+def generated_photos(folder: Path, count: int = 12, seed: int = 0) -> Path:
+    """`count` small JPEGs of coloured blocks on a shared grey background, for the real kinds in --tiny."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        pixels = np.full((96, 128, 3), 128, dtype=np.uint8)
+        for _ in range(4):
+            top, left = rng.integers(0, 72), rng.integers(0, 104)
+            pixels[top : top + 24, left : left + 24] = rng.integers(0, 256, 3)
+        Image.fromarray(pixels).save(folder / f"photo{index}.jpg", quality=90)
+    return folder
+
+
+def load_pool(args: argparse.Namespace, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The real hashes and their photos: read from `--pool` when it holds enough, else made (and saved there)."""
+    if args.pool and args.pool.is_file():
+        with np.load(args.pool) as saved:
+            if len(saved["hashes"]) >= size:
+                return saved["hashes"], saved["photos"]
+    hashes, photos = real_hashes(args.data, size)
+    if args.pool:
+        np.savez(args.pool, hashes=hashes, photos=photos)
+    return hashes, photos
 
 
 def measure(bits: np.ndarray, check: bool) -> dict:
@@ -112,27 +152,26 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="a folder of photos for the real-distribution hashes")
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--check-upto", type=int, default=100_000, help="run all-pairs up to this many hashes")
-    parser.add_argument("--pool", type=Path, help="keep the real-distribution hashes in this .npy for reruns")
+    parser.add_argument("--pool", type=Path, help="keep the real-distribution hashes in this .npz for reruns")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tiny", action="store_true", help="CI: small sizes, uniform and generated photos")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.tiny:
         sizes, args.check_upto = [500, 2000], 2000
+        scratch = tempfile.TemporaryDirectory()
+        args.data, args.pool = args.data or generated_photos(Path(scratch.name) / "photos"), None
     results = []
     print("| hashes | n | index | peak | groups | in groups | all pairs | its pairs | same groups |")
-    kinds = ["uniform"] + (["real"] if args.data else [])
+    kinds = ["uniform"] + (["real", "real-photos"] if args.data else [])
     for kind in kinds:
-        if kind == "real" and args.pool and args.pool.is_file() and len(np.load(args.pool)) >= max(sizes):
-            pool = np.load(args.pool)
+        if kind == "uniform":
+            pool, photos = uniform_hashes(max(sizes)), None
         elif kind == "real":
-            pool = real_hashes(args.data, max(sizes))
-            if args.pool:
-                np.save(args.pool, pool)
-        else:
-            pool = uniform_hashes(max(sizes))
+            pool, photos = load_pool(args, max(sizes))
         for n in sizes:
-            bits = plant(pool[:n].copy(), np.random.default_rng(n))  # near copies within this size
+            rows = whole_photos(photos, n) if kind == "real-photos" else np.arange(n)
+            bits = plant(pool[rows], np.random.default_rng(n))  # near copies within this size
             row = {"kind": kind, **measure(bits, n <= args.check_upto)}
             results.append(row)
             checked = "- | - | - |"
@@ -141,7 +180,7 @@ def main() -> None:
                     f"{row['all_pairs_s']:>8.2f} s | {row['all_pairs_pairs']:>9,} | {row['same_groups_as_all_pairs']} |"
                 )
             print(
-                f"| {kind:7} | {n:>9,} | {row['index_s']:>8.2f} s | {row['index_peak_mb']:>8.1f} MB | "
+                f"| {kind:11} | {n:>9,} | {row['index_s']:>8.2f} s | {row['index_peak_mb']:>8.1f} MB | "
                 f"{row['groups']:>8,} | {row['images_in_groups']:>9,} | {checked}",
                 flush=True,
             )
