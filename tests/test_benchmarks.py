@@ -74,3 +74,25 @@ def test_scale_benchmarks_tiny_mode(script, tmp_path):
         assert all(row["same_groups_as_all_pairs"] and row["groups"] > 0 for row in result["results"])
     else:  # one in a hundred images is a re-encoded copy
         assert result["images"] == 600 and result["duplicate_groups"] >= 5
+
+
+def test_train_step_profile_tiny_mode(tmp_path):
+    """The step is timed phase by phase through clothcli's own training_step, and the optimizer's ways
+    are compared against the one-tensor-at-a-time way."""
+    out = tmp_path / "p.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_step_profile.py"), "--tiny", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    phases = result["phases_ms"]
+    assert {"data wait", "forward + loss", "backward", "optimizer step", "EMA update"} <= set(phases)
+    assert all(ms >= 0 for ms in phases.values()) and sum(phases.values()) <= result["step_ms"] * 1.05
+    assert 0.5 < sum(op["share"] for op in result["top_operators"]) <= 1.0001
+    ways = {row["way"]: row for row in result["optimizer"]}
+    assert ways["one tensor at a time"]["bit_identical_to_first"] is None
+    others = [ways[w] for w in ("foreach", "fused") if "error" not in ways[w]]
+    assert others and all(isinstance(row["bit_identical_to_first"], bool) for row in others)
