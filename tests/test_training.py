@@ -197,6 +197,22 @@ def test_compiled_model_trains_resumes_and_saves_plain_weights(tiny_dataset, tmp
     assert bad.exit_code == 2 and "inductor" in bad.output
 
 
+def test_compiled_kernels_are_cached_in_the_users_cache(monkeypatch, tmp_path):
+    """A compiling run points torch's inductor cache at clothcli's user cache (kept across reboots), unless
+    the user already chose a folder; an eager run leaves the setting alone."""
+    from clothcli.runtime import make_accelerator
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    make_accelerator("no", device=torch.device("cpu"))
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    make_accelerator("no", device=torch.device("cpu"), compile_backend="inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "clothcli" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    make_accelerator("no", device=torch.device("cpu"), compile_backend="inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
 def test_plain_timm_loads_checkpoint(tiny_dataset, tmp_path):
     result = train(tiny_config(tiny_dataset, tmp_path / "runs", epochs=1))
     model, meta = load_checkpoint(result.run_dir)

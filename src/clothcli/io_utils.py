@@ -21,6 +21,12 @@ from pathlib import Path
 FAULT_DELAY_ENV = "CLOTHCLI_FAULT_DELAY"
 
 
+def user_cache_dir() -> Path:
+    """clothcli's folder in the user's cache ($XDG_CACHE_HOME, else ~/.cache): measured choices, compiled
+    kernels, decoded images and evaluations, kept between runs and never beside someone else's files."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clothcli"
+
+
 def fault_point() -> None:
     """Pause here when CLOTHCLI_FAULT_DELAY is set (the fault-injection tests kill runs in these pauses)."""
     delay = os.environ.get(FAULT_DELAY_ENV)

@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from clothcli.errors import UserError
+from clothcli.io_utils import user_cache_dir
 
 
 def resolve_device(requested: str | torch.device | None = None) -> torch.device:
@@ -81,6 +82,10 @@ def make_accelerator(
     `log_with` names Accelerate trackers, whose files go under `project_dir` until
     `training.tracking.start_tracking` points them at the run folder."""
     device = device or resolve_device()
+    if compile_backend:
+        # torch keeps compiled graphs and kernels in a temporary folder (gone at a reboot); in the user's
+        # cache a second run of the same model, size and batch reuses them instead of compiling again
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(user_cache_dir() / "inductor"))
     if AcceleratorState._shared_state and AcceleratorState().num_processes == 1:
         AcceleratorState._reset_state()
     return Accelerator(

@@ -24,14 +24,13 @@ import torch
 
 from clothcli.data.images import ImageReadError, load_rgb, read_image_bytes, read_info
 from clothcli.data.loading import ResizeShortSide
-from clothcli.io_utils import atomic_path
+from clothcli.io_utils import atomic_path, user_cache_dir
 
 CACHE_VERSION = 2  # 2: resized with torch's uint8 kernel (ResizeShortSide), no longer PIL
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "clothcli" / "decoded"
+    return user_cache_dir() / "decoded"
 
 
 @dataclass

@@ -39,7 +39,7 @@ from clothcli.engines.comparison import (
 from clothcli.engines.evaluate import evaluate_classifier, split_of
 from clothcli.errors import UserError
 from clothcli.formats import PYTORCH
-from clothcli.io_utils import atomic_write_text
+from clothcli.io_utils import atomic_write_text, user_cache_dir
 from clothcli.timing import steady_seconds
 from clothcli.training.run_folder import read_history, training_seconds
 
@@ -49,8 +49,7 @@ LATENCY_BATCH = 64
 
 def cache_folder() -> Path:
     """Where compare keeps evaluations: the user's cache folder, never beside a model someone else owns."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "clothcli" / "compare"
+    return user_cache_dir() / "compare"
 
 
 def data_fingerprint(index: SplitIndex) -> str:

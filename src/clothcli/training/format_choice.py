@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from clothcli.config import Config
-from clothcli.io_utils import atomic_write_text
+from clothcli.io_utils import atomic_write_text, user_cache_dir
 from clothcli.models.build import build_model, resolve_preprocess
 from clothcli.runtime import cpu_description
 
@@ -74,8 +74,7 @@ def candidates(cfg: Config) -> list[Candidate]:
 
 
 def cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "clothcli" / CACHE_FILE
+    return user_cache_dir() / CACHE_FILE
 
 
 def cache_key(cfg: Config, crop: int) -> str:
