@@ -36,6 +36,7 @@ from reference_outputs import host as cpu_description
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
+from clothcli.allocator import keep_freed_memory
 from clothcli.config import load_config
 from clothcli.training.setup import prepare, training_step
 
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tiny", action="store_true", help="CI: generated images, a tiny timm model")
     args = parser.parse_args()
+    keep_freed_memory()  # as the clothcli command does at start-up: else every step page-faults its activations
     scratch = tempfile.TemporaryDirectory()
     overrides = [f"train.mixed_precision={args.precision}", f"output_dir={scratch.name}", *args.overrides]
     if args.tiny:

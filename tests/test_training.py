@@ -200,13 +200,16 @@ def test_compiled_model_trains_resumes_and_saves_plain_weights(tiny_dataset, tmp
 def test_compiled_kernels_are_cached_in_the_users_cache(monkeypatch, tmp_path):
     """A compiling run points torch's inductor cache at clothcli's user cache (kept across reboots), unless
     the user already chose a folder; an eager run leaves the setting alone."""
-    from clothcli.runtime import make_accelerator
+    from clothcli.runtime import check_compile_backend, make_accelerator
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     make_accelerator("no", device=torch.device("cpu"))
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     make_accelerator("no", device=torch.device("cpu"), compile_backend="inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "clothcli" / "inductor")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    check_compile_backend("inductor")  # train's first check, before inductor is imported
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "clothcli" / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     make_accelerator("no", device=torch.device("cpu"), compile_backend="inductor")

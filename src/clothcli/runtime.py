@@ -83,9 +83,7 @@ def make_accelerator(
     `training.tracking.start_tracking` points them at the run folder."""
     device = device or resolve_device()
     if compile_backend:
-        # torch keeps compiled graphs and kernels in a temporary folder (gone at a reboot); in the user's
-        # cache a second run of the same model, size and batch reuses them instead of compiling again
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(user_cache_dir() / "inductor"))
+        keep_compiled_kernels()
     if AcceleratorState._shared_state and AcceleratorState().num_processes == 1:
         AcceleratorState._reset_state()
     return Accelerator(
@@ -100,10 +98,19 @@ def make_accelerator(
     )
 
 
+def keep_compiled_kernels() -> None:
+    """Point torch's inductor cache at the user's cache unless the user chose a folder: torch keeps
+    compiled graphs and kernels in a temporary folder (gone at a reboot); kept, a second run of the same
+    model, size and batch reuses them instead of compiling again. Torch fixes the folder the first time
+    inductor is imported, so this runs before that."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(user_cache_dir() / "inductor"))
+
+
 def check_compile_backend(name: str | None) -> None:
     """UserError unless torch.compile knows backend `name` (checked before any work is done)."""
     if name is None:
         return
+    keep_compiled_kernels()  # listing the backends imports inductor
     import torch._dynamo
 
     if name not in torch._dynamo.list_backends(exclude_tags=()):
