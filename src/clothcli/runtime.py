@@ -101,16 +101,25 @@ def make_accelerator(
 def keep_compiled_kernels() -> None:
     """Point torch's inductor cache at the user's cache unless the user chose a folder: torch keeps
     compiled graphs and kernels in a temporary folder (gone at a reboot); kept, a second run of the same
-    model, size and batch reuses them instead of compiling again. Torch fixes the folder the first time
-    inductor is imported, so this runs before that."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(user_cache_dir() / "inductor"))
+    model, size and batch reuses them instead of compiling again. Importing timm already writes torch's
+    temporary default into the environment, so that value counts as not chosen; inductor reads the
+    variable again each time it looks for a cached graph, so this holds when called before compiling."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is not None:
+        try:
+            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        except ImportError:  # another torch layout: leave whatever is set alone
+            return
+        if os.path.abspath(current) != os.path.abspath(default_cache_dir()):
+            return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(user_cache_dir() / "inductor")
 
 
 def check_compile_backend(name: str | None) -> None:
     """UserError unless torch.compile knows backend `name` (checked before any work is done)."""
     if name is None:
         return
-    keep_compiled_kernels()  # listing the backends imports inductor
+    keep_compiled_kernels()
     import torch._dynamo
 
     if name not in torch._dynamo.list_backends(exclude_tags=()):
