@@ -95,6 +95,38 @@ def test_train_folds_writes_out_of_fold_predictions_for_every_pooled_image(fold_
     assert again.exit_code == 0 and again.output.count("finished before, kept") == 3
 
 
+def test_a_killed_loader_worker_in_a_fold_is_one_line_and_the_same_command_continues(tmp_path, monkeypatch):
+    """The out-of-memory killer takes a DataLoader worker in the second fold: one line with the cause and how
+    to go on, exit 1; the same command keeps the first fold and finishes the group."""
+    import os
+    import signal
+
+    import torch
+
+    from clothcli.data import loading
+
+    data = make_dataset(tmp_path / "data", {"train": 6, "validation": 3, "test": 2})
+    group = tmp_path / "runs" / "oom-2fold"
+    read = loading.ImageFiles.__getitem__
+
+    def killed_in_the_second_fold(self, key):
+        if torch.utils.data.get_worker_info() is not None and (group / "fold-1").is_dir():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return read(self, key)
+
+    args = ["train", "--data", str(data), "--output-dir", str(tmp_path / "runs"), "--name", "oom", "--epochs", "1",
+            "--folds", "2", *_sets("data.num_workers=1", "data.cache=none")]  # fmt: skip
+    monkeypatch.setattr(loading.ImageFiles, "__getitem__", killed_in_the_second_fold)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "DataLoader worker" in result.output and "out of memory" in result.output
+    assert "the same command continues" in result.output and "Traceback" not in result.output
+    monkeypatch.setattr(loading.ImageFiles, "__getitem__", read)
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("finished before, kept") == 1 and (group / "folds.json").is_file()
+
+
 def test_compare_tests_two_fold_groups_fold_by_fold(fold_groups, tmp_path):
     _, groups = fold_groups
     fast, slow = groups["fast"][0], groups["slow"][0]

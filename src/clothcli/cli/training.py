@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -115,28 +117,12 @@ def train(
     if folds is not None:
         from clothcli.tuning.folds import cross_validate
 
-        with render.TrainProgress() as progress:
+        with render.TrainProgress() as progress, _stopped_cleanly(lambda: FOLDS_CONTINUE):
             found = cross_validate(cfg, folds, reporter=progress)
         render.cross_validation(found)
         return
-    with render.TrainProgress() as progress:
-        try:
-            result = run_training(cfg, resume=resume, reporter=progress)
-        except KeyboardInterrupt:
-            if progress.run_dir is None:
-                raise
-            render.error(f"interrupted; {_continue_with(progress.run_dir)}")
-            raise typer.Exit(130) from None
-        except RuntimeError as exc:
-            if not _loader_worker_died(exc):
-                raise
-            # torch's message ends in a traceback hint; the kernel's out-of-memory killer is the usual cause
-            render.error(
-                f"{str(exc).splitlines()[0].strip()} (most often the machine ran out of memory: lower "
-                f"data.num_workers or train.batch_size, or set data.cache=disk)"
-                + (f"; {_continue_with(progress.run_dir)}" if progress.run_dir is not None else "")
-            )
-            raise typer.Exit(1) from None
+    with render.TrainProgress() as progress, _stopped_cleanly(lambda: _continue_with(progress.run_dir)):
+        result = run_training(cfg, resume=resume, reporter=progress)
     if result.main_process:
         render.train_summary(result)
         if calibrate_ood is not None:
@@ -255,13 +241,43 @@ def _config_options(options: dict) -> dict:
     return nested
 
 
-def _continue_with(run_dir: Path) -> str:
-    """How to go on after a run stopped mid-way: --resume once an epoch is saved, else start it again."""
+def _continue_with(run_dir: Path | None) -> str | None:
+    """How to go on after a run stopped mid-way: --resume once an epoch is saved, else start it again
+    (None before the run folder exists)."""
     from clothcli.training.run_folder import STATE_DIR
 
+    if run_dir is None:
+        return None
     if not (run_dir / STATE_DIR).is_dir():
         return f"no epoch had finished, so {run_dir} holds nothing to resume: start the run again"
     return f"last/ and state/ hold the last completed epoch. Continue with: clothcli train --resume {run_dir}"
+
+
+FOLDS_CONTINUE = "the same command continues: finished folds are kept and the stopped fold resumes"
+
+
+@contextmanager
+def _stopped_cleanly(hint: Callable[[], str | None]) -> Iterator[None]:
+    """A Ctrl-C (exit 130) or a killed DataLoader worker (exit 1) as one line saying how to go on (`hint`,
+    asked only then: the run folder may exist only by that time) instead of a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        how = hint()
+        if how is None:
+            raise
+        render.error(f"interrupted; {how}")
+        raise typer.Exit(130) from None
+    except RuntimeError as exc:
+        if not _loader_worker_died(exc):
+            raise
+        how = hint()
+        # torch's message ends in a traceback hint; the kernel's out-of-memory killer is the usual cause
+        render.error(
+            f"{str(exc).splitlines()[0].strip()} (most often the machine ran out of memory: lower "
+            f"data.num_workers or train.batch_size, or set data.cache=disk)" + (f"; {how}" if how else "")
+        )
+        raise typer.Exit(1) from None
 
 
 def _loader_worker_died(exc: RuntimeError) -> bool:
