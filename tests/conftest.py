@@ -64,6 +64,17 @@ def tiny_dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data")
 
 
+@pytest.fixture
+def forked_workers(monkeypatch):
+    """Training loaders whose workers are forked from this process, so a monkeypatch made here reaches them
+    (by default they start from a fork server that imports clothcli afresh)."""
+    import multiprocessing
+
+    from clothcli.data import pipeline
+
+    monkeypatch.setattr(pipeline, "worker_context", lambda: multiprocessing.get_context("fork"))
+
+
 @pytest.fixture(autouse=True)
 def _no_hub_probe(monkeypatch):
     """Tests never touch the network: the hub probe says 'offline'."""

@@ -95,7 +95,9 @@ def test_train_folds_writes_out_of_fold_predictions_for_every_pooled_image(fold_
     assert again.exit_code == 0 and again.output.count("finished before, kept") == 3
 
 
-def test_a_killed_loader_worker_in_a_fold_is_one_line_and_the_same_command_continues(tmp_path, monkeypatch):
+def test_a_killed_loader_worker_in_a_fold_is_one_line_and_the_same_command_continues(
+    tmp_path, monkeypatch, forked_workers
+):
     """The out-of-memory killer takes a DataLoader worker in the second fold: one line with the cause and how
     to go on, exit 1; the same command keeps the first fold and finishes the group."""
     import os

@@ -121,6 +121,18 @@ def test_augmentation_does_not_depend_on_worker_count(tiny_dataset, tmp_path, ca
     assert comparable(inline.history) == comparable(workers.history)
 
 
+@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(), reason="no fork server")
+def test_training_loader_workers_start_from_a_fork_server_not_the_trainer(tiny_dataset, tmp_path):
+    """A worker forked from the trainer once its heap holds a step's activations makes the trainer copy every
+    page it writes next; workers from the fork server share none of that heap (and still see the same draws:
+    test_augmentation_does_not_depend_on_worker_count)."""
+    setup = prepare(tiny_config(tiny_dataset, tmp_path / "runs", "data.num_workers=1", epochs=1))
+    for loader in (setup.data.train_loader, setup.data.val_loader):
+        assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    images, targets, *_ = next(iter(setup.data.val_loader))  # the datasets travel to such workers
+    assert len(images) == len(targets) > 0
+
+
 @pytest.mark.parametrize("data", [["data.cache=none"], ["data.cache=memory"], ["data.augment_on=device"]])
 def test_training_crops_smaller_than_the_evaluation_size(tiny_dataset, tmp_path, data):
     """augment.crop_size sets the training crops only: validation and the checkpoint keep the input size."""
@@ -356,7 +368,9 @@ def test_cli_bad_inputs_exit_2(tiny_dataset, tmp_path):
     assert "did you mean" in runner.invoke(app, cases[1]).output
 
 
-def test_a_killed_loader_worker_is_one_line_with_the_resume_command(tiny_dataset, tmp_path, monkeypatch):
+def test_a_killed_loader_worker_is_one_line_with_the_resume_command(
+    tiny_dataset, tmp_path, monkeypatch, forked_workers
+):
     """The kernel's out-of-memory killer takes a DataLoader worker: one line naming the likely cause and how
     to continue, exit 1, no traceback."""
     from clothcli.data import loading

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -270,6 +271,23 @@ def collate(
     return (torch.stack(images), torch.tensor(targets), torch.tensor(indices), list(errors))
 
 
+def worker_context() -> Any:
+    """Where training's DataLoader workers start from: a small fork server, not the training process itself.
+
+    A worker forked from the trainer shares its whole heap copy-on-write, so every page the trainer writes
+    afterwards is first copied; once the heap holds a step's activations (gigabytes, kept by
+    `keep_freed_memory`) that is over a million page copies. Forking the validation workers after the first
+    epoch made EfficientNet-Lite0's first validation 10.4 s instead of 3.6 and its epochs 115 s instead of
+    107 on a 2-core CPU, with the same results. Workers from a server that imported only torch and this
+    module share nothing the trainer writes. None (the platform's default) where there is no fork server.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", __name__])
+    return context
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -278,6 +296,7 @@ def make_loader(
     sampler: Any = None,
     drop_last: bool = False,
     collate_fn: Callable = collate,
+    context: Any = None,
 ) -> DataLoader:
     return DataLoader(
         dataset,
@@ -289,6 +308,7 @@ def make_loader(
         drop_last=drop_last,
         # Worker RNG state does not matter (see SeededDraws), so workers live as long as the loader.
         persistent_workers=workers > 0,
+        multiprocessing_context=context if workers > 0 else None,
         # Creating an iterator draws the workers' base seed from this generator. Left to the global RNG,
         # that draw happened only in the epoch that started the persistent workers, so a resumed run
         # (whose workers start in a later epoch) saw a shifted stream in that epoch's dropout.

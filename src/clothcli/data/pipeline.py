@@ -23,6 +23,7 @@ from clothcli.data.loading import (
     tensor_eval_transform,
     tensor_train_transform,
     train_transform,
+    worker_context,
 )
 from clothcli.data.preprocess import Preprocess
 from clothcli.errors import UserError
@@ -124,8 +125,11 @@ def build_training_data(
         cfg.data.num_workers,
         sampler=SeededDraws(sampler, generator, cfg.train.seed),
         drop_last=len(train_ds) > cfg.train.batch_size,
+        context=worker_context(),
     )
     val_loader = None
     if val_ds is not None:
-        val_loader = make_loader(val_ds, cfg.train.eval_batch_size or cfg.train.batch_size, cfg.data.num_workers)
+        val_loader = make_loader(
+            val_ds, cfg.train.eval_batch_size or cfg.train.batch_size, cfg.data.num_workers, context=worker_context()
+        )
     return TrainingData(index, train_loader, val_loader, counts, on_device)
