@@ -131,6 +131,10 @@ def test_training_loader_workers_start_from_a_fork_server_not_the_trainer(tiny_d
         assert loader.multiprocessing_context.get_start_method() == "forkserver"
     images, targets, *_ = next(iter(setup.data.val_loader))  # the datasets travel to such workers
     assert len(images) == len(targets) > 0
+    # those workers map the decode cache's file themselves, so this process does not read it into memory
+    assert not setup.data.train_loader.dataset.images.in_memory
+    inline = prepare(tiny_config(tiny_dataset, tmp_path / "inline", "data.num_workers=0", epochs=1))
+    assert inline.data.train_loader.dataset.images.in_memory
 
 
 @pytest.mark.parametrize("data", [["data.cache=none"], ["data.cache=memory"], ["data.augment_on=device"]])
