@@ -1,5 +1,6 @@
 import csv
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -121,7 +122,7 @@ def test_augmentation_does_not_depend_on_worker_count(tiny_dataset, tmp_path, ca
     assert comparable(inline.history) == comparable(workers.history)
 
 
-@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(), reason="no fork server")
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="no fork server")
 def test_training_loader_workers_start_from_a_fork_server_not_the_trainer(tiny_dataset, tmp_path):
     """A worker forked from the trainer once its heap holds a step's activations makes the trainer copy every
     page it writes next; workers from the fork server share none of that heap (and still see the same draws:
