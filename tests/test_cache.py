@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from clothcli.config import AugmentConfig
@@ -57,12 +58,14 @@ def test_memory_mapped_mode_and_bad_files(tiny_dataset, tmp_path):
     assert image.shape == (3, 24, 24) and image.dtype == torch.float32 and error == ""
 
 
-def test_in_memory_cache_travels_to_spawned_workers_as_its_file(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_the_cache_travels_to_spawned_workers_as_its_file(tiny_dataset, tmp_path, mode):
+    """Read in or memory-mapped alike (numpy pickles a memmap as every byte of it)."""
     import pickle
 
     paths = [p for p, _ in index_dataset(tiny_dataset).splits["train"].samples]
-    images = build_or_open(paths, 20, "bilinear", tmp_path / "c", mode="memory", workers=1)
-    assert images.in_memory
+    images = build_or_open(paths, 20, "bilinear", tmp_path / "c", mode=mode, workers=1)
+    assert images.in_memory == (mode == "memory")
     blob = pickle.dumps(images)
     assert len(blob) < images.nbytes / 4
     copy = pickle.loads(blob)

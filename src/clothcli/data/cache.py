@@ -141,10 +141,10 @@ class DecodedImages:
     def __getstate__(self) -> dict:
         # DataLoader workers started by spawn/forkserver (macOS, Python >= 3.14, or any process that is
         # itself spawned) get the object pickled: send the cache file's name, not a copy of every image
-        # (570 MB per worker per epoch made such workers 7x slower in the training benchmark).
+        # (570 MB per worker per epoch made such workers 7x slower in the training benchmark). A memory map
+        # is no exception: numpy pickles np.memmap as an ordinary array, every byte of it.
         state = self.__dict__.copy()
-        if self.in_memory:
-            state["buffer"] = None
+        state["buffer"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -288,6 +288,15 @@ def worker_context() -> Any:
     return context
 
 
+def start_worker_server() -> None:
+    """Start the fork server now, so that its imports (about 3 s of torch and timm) overlap building the model
+    instead of delaying the first batch."""
+    if worker_context() is not None:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,

@@ -18,7 +18,7 @@ from torchmetrics.functional.classification import multiclass_f1_score
 
 from clothcli.config import Config
 from clothcli.data.batch_augment import BatchAugment, TransformedBatches
-from clothcli.data.loading import IGNORE_INDEX, crop_size, sub_seed
+from clothcli.data.loading import IGNORE_INDEX, crop_size, start_worker_server, sub_seed
 from clothcli.data.pipeline import TrainingData, build_training_data
 from clothcli.data.preprocess import Preprocess
 from clothcli.data.sources import Source, describe_split, open_dataset
@@ -142,6 +142,8 @@ def prepare(
     reporter = reporter or SilentReporter()
     source = source or open_training_data(cfg, reporter)
     index = source.index
+    if cfg.data.num_workers > 0:
+        start_worker_server()
 
     accelerator = make_accelerator(
         cfg.train.mixed_precision,
