@@ -5,7 +5,8 @@ its path is an argument, and it is run where it lies, never copied). The clothcl
 timm's flags (`timm_flags`: model, weights, image size, optimizer, learning rate, momentum, weight decay,
 cosine schedule per step with its warm-up, epochs, batch, label smoothing, colour jitter, crop scale, flip,
 dropout, EMA, gradient clipping, seed, `--channels-last`, `-j` workers). timm runs twice per round, fp32
-and `--amp --amp-dtype bfloat16`; the faster of the two on this host is the baseline. Each pipeline runs
+and `--amp --amp-dtype bfloat16` (`--timm-precisions` may leave one out); the faster on this host is the
+baseline. Each pipeline runs
 in a fresh process, in forward order in even rounds and backward in odd ones; per seed (`--seeds`) there
 is one round. Reported per pipeline: wall time of the whole command (timm's validate.py on test included,
 as clothcli's evaluate), best validation accuracy and test accuracy, with the ratio of wall times.
@@ -130,13 +131,22 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--seeds", default="42")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--timm-precisions",
+        default="fp32,bf16",
+        help="timm runs to make per round (fp32, bf16 or both); leave one out only where an earlier side-by-side "
+        "on this host measured it the slower by far",
+    )
     args = parser.parse_args()
+    precisions = [p.strip() for p in args.timm_precisions.split(",")]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        raise SystemExit("--timm-precisions: fp32, bf16 or fp32,bf16")
     cfg = load_config(args.config)
     classes = len(index_dataset(args.data).classes)
     seeds = [int(s) for s in args.seeds.split(",")]
     results: list[dict] = []
     for number, seed in enumerate(seeds):
-        jobs = [("timm", False), ("timm", True), ("clothcli", None)]
+        jobs = [*(("timm", p == "bf16") for p in precisions), ("clothcli", None)]
         for kind, bf16 in jobs if number % 2 == 0 else jobs[::-1]:
             if kind == "timm":
                 row = run_timm(args.timm_train, cfg, args.data, args.weights, classes, seed, bf16)
