@@ -138,6 +138,8 @@ def main() -> None:
         "on this host measured it the slower by far",
     )
     args = parser.parse_args()
+    # each run works in its own scratch folder, so relative paths would point nowhere
+    args.timm_train, args.data, args.weights = (p.resolve() for p in (args.timm_train, args.data, args.weights))
     precisions = [p.strip() for p in args.timm_precisions.split(",")]
     if not precisions or set(precisions) - {"fp32", "bf16"}:
         raise SystemExit("--timm-precisions: fp32, bf16 or fp32,bf16")
