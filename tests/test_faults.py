@@ -207,3 +207,50 @@ def test_runs_started_together_with_one_name_get_their_own_folders(tmp_path):
     for name in runs:
         assert len(metric_rows(tmp_path / "runs" / name)) == 1
         load_checkpoint(tmp_path / "runs" / name)
+
+
+OWNER_SCRIPT = """
+import os, signal, sys
+import torch
+from torch.utils.data import Dataset
+from clothcli.data.loading import make_loader, worker_context
+
+
+class WorkerPids(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return torch.tensor(os.getpid())
+
+
+if __name__ == "__main__":
+    loader = make_loader(WorkerPids(), 1, 2, collate_fn=torch.stack, context=worker_context())
+    with open(sys.argv[1], "w") as out:
+        out.write(" ".join(str(pid) for pid in {int(b) for b in loader}))
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_from_the_fork_server_end_when_the_trainer_is_killed(tmp_path):
+    """They are the server's children, not the trainer's, so PyTorch's own watch on the parent never fires."""
+    from clothcli.data.loading import process_alive, worker_context
+
+    if worker_context() is None:
+        pytest.skip("no fork server on this platform")
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER_SCRIPT)
+    pids = tmp_path / "workers.txt"
+    # no pipes: workers left behind would hold them open, and the run would never seem to end
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    done = subprocess.run([sys.executable, str(script), str(pids)], **quiet)
+    assert done.returncode == -signal.SIGKILL
+    workers = [int(pid) for pid in pids.read_text().split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 30
+    while any(process_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if process_alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left

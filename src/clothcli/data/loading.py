@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
+import os
 import random
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -297,6 +300,48 @@ def start_worker_server() -> None:
         forkserver.ensure_running()
 
 
+class ExitWithOwner:
+    """worker_init_fn for workers that are not the loader's own children: end the worker when the process that
+    owns the loader has gone.
+
+    PyTorch's workers watch their parent process, which for a worker from the fork server is the server, and the
+    server lives as long as any worker does: a trainer killed by SIGKILL or the OOM killer left the server and
+    its workers behind for good (measured: still there after minutes)."""
+
+    def __init__(self, owner: int | None = None):
+        self.owner = owner or os.getpid()
+
+    def __call__(self, worker_id: int) -> None:
+        threading.Thread(target=_exit_when_gone, args=(self.owner,), daemon=True, name="owner-watch").start()
+
+
+def _exit_when_gone(pid: int, interval: float = 1.0) -> None:
+    while process_alive(pid):
+        time.sleep(interval)
+    os._exit(0)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except FileNotFoundError:
+        return not Path("/proc/self").exists() and _signalable(pid)
+    except (OSError, IndexError):
+        return _signalable(pid)
+
+
+def _signalable(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -318,6 +363,7 @@ def make_loader(
         # Worker RNG state does not matter (see SeededDraws), so workers live as long as the loader.
         persistent_workers=workers > 0,
         multiprocessing_context=context if workers > 0 else None,
+        worker_init_fn=ExitWithOwner() if workers > 0 and context is not None else None,
         # Creating an iterator draws the workers' base seed from this generator. Left to the global RNG,
         # that draw happened only in the epoch that started the persistent workers, so a resumed run
         # (whose workers start in a later epoch) saw a shifted stream in that epoch's dropout.
