@@ -234,7 +234,8 @@ if __name__ == "__main__":
 
 def test_workers_from_the_fork_server_end_when_the_trainer_is_killed(tmp_path):
     """They are the server's children, not the trainer's, so PyTorch's own watch on the parent never fires."""
-    from clothcli.data.loading import process_alive, worker_context
+    from clothcli.data.loading import worker_context
+    from clothcli.processes import process_alive
 
     if worker_context() is None:
         pytest.skip("no fork server on this platform")

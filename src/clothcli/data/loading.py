@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from clothcli.config import AugmentConfig
 from clothcli.data.images import ImageReadError, load_rgb
 from clothcli.data.preprocess import Preprocess
+from clothcli.processes import process_alive
 from clothcli.runtime import resolve_device
 
 IGNORE_INDEX = -1
@@ -319,27 +320,6 @@ def _exit_when_gone(pid: int, interval: float = 1.0) -> None:
     while process_alive(pid):
         time.sleep(interval)
     os._exit(0)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except FileNotFoundError:
-        return not Path("/proc/self").exists() and _signalable(pid)
-    except (OSError, IndexError):
-        return _signalable(pid)
-
-
-def _signalable(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def make_loader(

@@ -36,6 +36,7 @@ import numpy as np
 from clothcli.config import Config, load_config, save_config
 from clothcli.errors import UserError, require_packages
 from clothcli.io_utils import atomic_path, atomic_write_text
+from clothcli.processes import process_alive
 from clothcli.training import Reporter, SilentReporter, train
 from clothcli.training.run_folder import read_resume_point
 from clothcli.tuning.space import Dimension, read_space, trial_config
@@ -127,16 +128,6 @@ def pruning_step(epoch: int, epochs: int, by_fraction: bool) -> int | None:
     return tenth * 10 if tenth > 0 else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _requeue(study: Any, trial: Any) -> None:
     """Queue a failed trial's values again; the new trial resumes its run folder."""
     study.enqueue_trial(trial.params, user_attrs={"resumes": trial.user_attrs.get("run", "")})
@@ -148,7 +139,7 @@ def recover_killed_trials(study: Any) -> list[int]:
     host, recovered = socket.gethostname(), []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         attrs = trial.user_attrs
-        if attrs.get("host") == host and isinstance(attrs.get("pid"), int) and not _alive(attrs["pid"]):
+        if attrs.get("host") == host and isinstance(attrs.get("pid"), int) and not process_alive(attrs["pid"]):
             study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
             _requeue(study, trial)
             recovered.append(trial.number)
