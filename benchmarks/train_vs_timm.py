@@ -6,10 +6,10 @@ timm's flags (`timm_flags`: model, weights, image size, optimizer, learning rate
 cosine schedule per step with its warm-up, epochs, batch, label smoothing, colour jitter, crop scale, flip,
 dropout, EMA, gradient clipping, seed, `--channels-last`, `-j` workers). timm runs twice per round, fp32
 and `--amp --amp-dtype bfloat16` (`--timm-precisions` may leave one out); the faster on this host is the
-baseline. Each pipeline runs
-in a fresh process, in forward order in even rounds and backward in odd ones; per seed (`--seeds`) there
-is one round. Reported per pipeline: wall time of the whole command (timm's validate.py on test included,
-as clothcli's evaluate), best validation accuracy and test accuracy, with the ratio of wall times.
+baseline. Each pipeline runs in a fresh process, in forward order in even rounds and backward in odd
+ones; per seed (`--seeds`) there is one round. Reported per pipeline: wall time of the whole command
+(timm's validate.py on test included, as clothcli's evaluate), best validation accuracy and test
+accuracy, with the ratio of wall times.
 
     python benchmarks/train_vs_timm.py --timm-train ../shared/peers/timm/train.py \\
         --config conf/mobilenet-cpu.yaml --data ../shared/datasets/clothing-dataset-small \\
@@ -142,7 +142,7 @@ def main() -> None:
     args.timm_train, args.data, args.weights = (p.resolve() for p in (args.timm_train, args.data, args.weights))
     precisions = [p.strip() for p in args.timm_precisions.split(",")]
     if not precisions or set(precisions) - {"fp32", "bf16"}:
-        raise SystemExit("--timm-precisions: fp32, bf16 or fp32,bf16")
+        parser.error("--timm-precisions: fp32, bf16 or fp32,bf16")
     cfg = load_config(args.config)
     classes = len(index_dataset(args.data).classes)
     seeds = [int(s) for s in args.seeds.split(",")]
