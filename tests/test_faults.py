@@ -213,7 +213,8 @@ OWNER_SCRIPT = """
 import os, signal, sys
 import torch
 from torch.utils.data import Dataset
-from clothcli.data.loading import make_loader, worker_context
+from clothcli.data.loading import make_loader
+from clothcli.data.worker_server import worker_context
 
 
 class WorkerPids(Dataset):
@@ -234,7 +235,7 @@ if __name__ == "__main__":
 
 def test_workers_from_the_fork_server_end_when_the_trainer_is_killed(tmp_path):
     """They are the server's children, not the trainer's, so PyTorch's own watch on the parent never fires."""
-    from clothcli.data.loading import worker_context
+    from clothcli.data.worker_server import worker_context
     from clothcli.processes import process_alive
 
     if worker_context() is None:

@@ -138,6 +138,31 @@ def test_training_loader_workers_start_from_a_fork_server_not_the_trainer(tiny_d
     assert inline.data.train_loader.dataset.images.in_memory
 
 
+EARLY_SERVER_SCRIPT = """
+import sys
+import clothcli.data.worker_server as worker_server
+from clothcli.cli import main
+
+def record():
+    print("torch imported:", "torch" in sys.modules)
+    raise SystemExit(0)
+
+worker_server.start_worker_server = record
+sys.argv = ["clothcli", *sys.argv[1:]]
+main()
+"""
+
+
+def test_train_starts_the_worker_server_before_it_imports_torch(tiny_dataset, tmp_path):
+    """The server's imports (about 3.5 s) then overlap this process's own, instead of delaying the first batch."""
+    script = tmp_path / "early.py"
+    script.write_text(EARLY_SERVER_SCRIPT)
+    args = [*cli_train_args(tiny_dataset, tmp_path / "runs", "early"), "--set", "data.num_workers=1"]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stdout
+
+
 @pytest.mark.parametrize("data", [["data.cache=none"], ["data.cache=memory"], ["data.augment_on=device"]])
 def test_training_crops_smaller_than_the_evaluation_size(tiny_dataset, tmp_path, data):
     """augment.crop_size sets the training crops only: validation and the checkpoint keep the input size."""

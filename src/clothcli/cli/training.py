@@ -92,7 +92,6 @@ def train(
 ) -> None:
     """Fine-tune a timm model with HF Accelerate (CPU, GPU, mixed precision, accelerate launch)."""
     from clothcli.data.inputs import images_under
-    from clothcli.training import train as run_training
 
     if calibrate_ood is not None:
         images_under(calibrate_ood)  # a wrong folder fails now, not after the training
@@ -114,6 +113,12 @@ def train(
         )
     elif time_limit is not None or folds is not None:
         raise UserError("--time-limit and --folds apply to a new run; --resume continues one run as recorded")
+    if cfg is not None and cfg.data.num_workers > 0:
+        from clothcli.data.worker_server import start_worker_server
+
+        start_worker_server()  # before torch is imported here, so that the two imports overlap
+    from clothcli.training import train as run_training
+
     if folds is not None:
         from clothcli.tuning.folds import cross_validate
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing
 import os
 import random
 import threading
@@ -273,32 +272,6 @@ def collate(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     images, targets, indices, errors = zip(*batch)
     return (torch.stack(images), torch.tensor(targets), torch.tensor(indices), list(errors))
-
-
-def worker_context() -> Any:
-    """Where training's DataLoader workers start from: a small fork server, not the training process itself.
-
-    A worker forked from the trainer shares its whole heap copy-on-write, so every page the trainer writes
-    afterwards is first copied; once the heap holds a step's activations (gigabytes, kept by
-    `keep_freed_memory`) that is over a million page copies. Forking the validation workers after the first
-    epoch made EfficientNet-Lite0's first validation 10.4 s instead of 3.6 and its epochs 115 s instead of
-    107 on a 2-core CPU, with the same results. Workers from a server that imported only torch and this
-    module share nothing the trainer writes. None (the platform's default) where there is no fork server.
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return None
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", __name__])
-    return context
-
-
-def start_worker_server() -> None:
-    """Start the fork server now, so that its imports (about 3 s of torch and timm) overlap building the model
-    instead of delaying the first batch."""
-    if worker_context() is not None:
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
 
 
 class ExitWithOwner:

@@ -23,9 +23,9 @@ from clothcli.data.loading import (
     tensor_eval_transform,
     tensor_train_transform,
     train_transform,
-    worker_context,
 )
 from clothcli.data.preprocess import Preprocess
+from clothcli.data.worker_server import worker_context
 from clothcli.errors import UserError
 
 

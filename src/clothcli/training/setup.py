@@ -18,10 +18,11 @@ from torchmetrics.functional.classification import multiclass_f1_score
 
 from clothcli.config import Config
 from clothcli.data.batch_augment import BatchAugment, TransformedBatches
-from clothcli.data.loading import IGNORE_INDEX, crop_size, start_worker_server, sub_seed
+from clothcli.data.loading import IGNORE_INDEX, crop_size, sub_seed
 from clothcli.data.pipeline import TrainingData, build_training_data
 from clothcli.data.preprocess import Preprocess
 from clothcli.data.sources import Source, describe_split, open_dataset
+from clothcli.data.worker_server import start_worker_server
 from clothcli.errors import UserError
 from clothcli.models.build import build_model, check_model_config, resolve_preprocess
 from clothcli.runtime import check_compile_backend, make_accelerator, predict_batches, resolve_device
