@@ -576,3 +576,20 @@ def test_warm_up_climbs_within_the_first_epoch(tiny_dataset, tmp_path):
     # reported at steps 5 and 10 of 12; the last value is already the cosine's, after the warm-up
     assert len(first) == 3 and 0.0001 < first[0] < first[1] <= 0.05
     assert second == sorted(second, reverse=True) and second[-1] < second[0] <= 0.05
+
+
+def test_validation_runs_the_model_as_evaluate_does(tiny_dataset, tmp_path):
+    """Batch norms folded into their convolutions, as evaluate and predict run a checkpoint: the validation
+    loss a run records is, to the last bit, what its best checkpoint gives when run that way."""
+    from clothcli.models.fusion import prepare_for_inference
+    from clothcli.training.setup import validate
+
+    cfg = tiny_config(tiny_dataset, tmp_path / "runs", epochs=2)
+    result = train(cfg)
+    model, _ = load_checkpoint(result.run_dir / "best")
+    setup = prepare(cfg)
+    inference = prepare_for_inference(model, setup.pre.input_size)
+    assert inference is not model  # folded
+    metrics = validate(inference, setup.val_loader, setup.accelerator, setup.channels_last, 3)
+    assert metrics["val_loss"] == result.best["val_loss"]
+    assert metrics["val_acc"] == result.best["val_acc"]

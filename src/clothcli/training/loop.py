@@ -32,6 +32,7 @@ from clothcli.data.sources import Source, dataset_root, split_rows
 from clothcli.data.splits import SPLITS_FILE, splits_csv
 from clothcli.io_utils import atomic_write_text
 from clothcli.models.checkpoint import save_checkpoint
+from clothcli.models.fusion import fuse_batchnorm
 from clothcli.runtime import describe_hardware, plain_model, resolve_device
 from clothcli.training.distill import teacher_seconds
 from clothcli.training.format_choice import cache_path as format_cache_path
@@ -229,7 +230,18 @@ class _Loop:
         s = self.setup
         if s.val_loader is None:
             return dict(NO_VALIDATION)
-        return validate(model, s.val_loader, s.accelerator, s.channels_last, self.num_classes)
+        return validate(self._folded(model), s.val_loader, s.accelerator, s.channels_last, self.num_classes)
+
+    def _folded(self, model: nn.Module) -> nn.Module:
+        """A copy of `model` with each batch norm folded into its convolution, as `evaluate` and `predict` run
+        a checkpoint: validation measures what they will, and on a CPU runs faster (EfficientNet-Lite0's 341
+        images in 3.1 s instead of 3.6). Never compiled, so a compiled run does not compile an eval graph too."""
+        s = self.setup
+        size = s.pre.input_size
+        sample = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(s.accelerator.device)
+        if s.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
+        return fuse_batchnorm(plain_model(s.accelerator, model), sample)[0]
 
     def _record(self, row: dict[str, Any], weights: str) -> bool:
         """Append `row` to the history and keep it as the best if the monitored metric improved."""
