@@ -7,8 +7,10 @@ cosine schedule per step with its warm-up, epochs, batch, label smoothing, colou
 dropout, EMA, gradient clipping, seed, `--channels-last`, `-j` workers). timm runs twice per round, fp32
 and `--amp --amp-dtype bfloat16` (`--timm-precisions` may leave one out); the faster on this host is the
 baseline. Each pipeline runs in a fresh process, in forward order in even rounds and backward in odd
-ones; per seed (`--seeds`) there is one round. Reported per pipeline: wall time of the whole command
-(timm's validate.py on test included, as clothcli's evaluate), best validation accuracy and test
+ones; each seed (`--seeds`) is one round, and `--rounds N` runs the seeds N times over (a seed's
+accuracies repeat to the last digit on one host, its times do not). Reported per pipeline: wall time of
+the whole command (timm's validate.py on test included, as clothcli's evaluate), training images per
+second of that wall time (epochs x training images / seconds), best validation accuracy and test
 accuracy, with the ratio of wall times.
 
     python benchmarks/train_vs_timm.py --timm-train ../shared/peers/timm/train.py \\
@@ -121,6 +123,14 @@ def run_clothcli(config: Path, data: Path, weights: Path, seed: int) -> dict:
             "epochs": epochs, "format_choice": chosen}  # fmt: skip
 
 
+def schedule(seeds: list[int], rounds: int, jobs: list) -> list[tuple[int, object]]:
+    """(seed, job) in the order they run: seed after seed, `rounds` times over, every other round backwards."""
+    order = []
+    for number, seed in enumerate(seed for _ in range(rounds) for seed in seeds):
+        order += [(seed, job) for job in (jobs if number % 2 == 0 else jobs[::-1])]
+    return order
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -130,6 +140,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--seeds", default="42")
+    parser.add_argument("--rounds", type=int, default=1, help="times to run the seeds over (at least 1)")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--timm-precisions",
@@ -143,32 +154,36 @@ def main() -> None:
     precisions = [p.strip() for p in args.timm_precisions.split(",")]
     if not precisions or set(precisions) - {"fp32", "bf16"}:
         parser.error("--timm-precisions: fp32, bf16 or fp32,bf16")
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
     cfg = load_config(args.config)
-    classes = len(index_dataset(args.data).classes)
+    index = index_dataset(args.data)
+    classes, train_images = len(index.classes), len(index.splits["train"].samples)
     seeds = [int(s) for s in args.seeds.split(",")]
     results: list[dict] = []
-    for number, seed in enumerate(seeds):
-        jobs = [*(("timm", p == "bf16") for p in precisions), ("clothcli", None)]
-        for kind, bf16 in jobs if number % 2 == 0 else jobs[::-1]:
-            if kind == "timm":
-                row = run_timm(args.timm_train, cfg, args.data, args.weights, classes, seed, bf16)
-            else:
-                row = run_clothcli(args.config, args.data, args.weights, seed)
-            results.append({**row, "seed": seed})
-            print(json.dumps(results[-1]), flush=True)
+    jobs = [*(("timm", p == "bf16") for p in precisions), ("clothcli", None)]
+    for seed, (kind, bf16) in schedule(seeds, args.rounds, jobs):
+        if kind == "timm":
+            row = run_timm(args.timm_train, cfg, args.data, args.weights, classes, seed, bf16)
+        else:
+            row = run_clothcli(args.config, args.data, args.weights, seed)
+        row["images_per_s"] = round(row["epochs"] * train_images / row["seconds"], 2)
+        results.append({**row, "seed": seed})
+        print(json.dumps(results[-1]), flush=True)
     by_pipeline: dict[str, list[dict]] = {}
     for row in results:
         by_pipeline.setdefault(row["pipeline"], []).append(row)
     timm_rows = {k: v for k, v in by_pipeline.items() if k.startswith("timm")}
     baseline = min(timm_rows, key=lambda k: statistics.median(r["seconds"] for r in timm_rows[k]))
     base_s = statistics.median(r["seconds"] for r in by_pipeline[baseline])
-    print(f"\n{cfg.name}: {len(seeds)} seed(s) {seeds}; baseline {baseline} (the faster timm run here)")
-    print("| pipeline | wall time (median) | mean best validation | mean test | speed-up over the baseline |")
+    print(f"\n{cfg.name}: {len(seeds)} seed(s) {seeds}, {args.rounds} round(s); baseline {baseline} (the faster here)")
+    print("| pipeline | wall time (median) | training img/s (median) | mean best validation | mean test | speed-up |")
     for name, rows in by_pipeline.items():
         seconds = statistics.median(r["seconds"] for r in rows)
+        speed = statistics.median(r["images_per_s"] for r in rows)
         val = statistics.mean(r["best_val"] for r in rows)
         test = statistics.mean(r["test"] for r in rows)
-        print(f"| {name} | {seconds / 60:.1f} min | {val:.2%} | {test:.2%} | {base_s / seconds:.2f}x |")
+        print(f"| {name} | {seconds / 60:.1f} min | {speed:.1f} | {val:.2%} | {test:.2%} | {base_s / seconds:.2f}x |")
     host = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
     if args.json:
         args.json.write_text(json.dumps({"host": host, "config": str(args.config), "baseline": baseline,

@@ -96,3 +96,52 @@ def test_train_step_profile_tiny_mode(tmp_path):
     assert ways["one tensor at a time"]["bit_identical_to_first"] is None
     others = [ways[w] for w in ("foreach", "fused") if "error" not in ways[w]]
     assert others and all(isinstance(row["bit_identical_to_first"], bool) for row in others)
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_vs_timm_runs_the_seeds_over_in_alternating_order():
+    bench = _load_script("train_vs_timm")
+    order = bench.schedule([42, 43], 2, ["timm", "clothcli"])
+    assert order == [
+        (42, "timm"), (42, "clothcli"), (43, "clothcli"), (43, "timm"),
+        (42, "timm"), (42, "clothcli"), (43, "clothcli"), (43, "timm"),
+    ]  # fmt: skip
+    assert bench.schedule([42], 3, ["a", "b"]) == [(42, "a"), (42, "b"), (42, "b"), (42, "a"), (42, "a"), (42, "b")]
+
+
+def test_train_vs_timm_maps_the_recipe_to_timm_flags(tmp_path):
+    from clothcli.config import load_config
+
+    bench = _load_script("train_vs_timm")
+    cfg = load_config(ROOT / "conf" / "mobilenet-cpu.yaml")
+    flags = bench.timm_flags(cfg, tmp_path / "data", tmp_path / "w.safetensors", 10, 7, tmp_path / "out")
+
+    def value(flag):
+        return flags[flags.index(flag) + 1]
+
+    assert value("--model") == cfg.model.name and value("--opt") == cfg.optim.name == "sgd"
+    assert float(value("--lr")) == cfg.optim.lr and float(value("--momentum")) == cfg.optim.momentum
+    assert int(value("--epochs")) == cfg.train.epochs and int(value("-b")) == cfg.train.batch_size
+    assert float(value("--smoothing")) == cfg.train.label_smoothing and value("--seed") == "7"
+    assert [float(s) for s in flags[flags.index("--scale") + 1 : flags.index("--scale") + 3]] == list(cfg.augment.scale)
+    assert "--channels-last" in flags and "--sched-on-updates" in flags
+    assert ("--model-ema" in flags) == cfg.train.ema.enabled
+    assert float(value("--clip-grad")) == cfg.train.clip_grad
+
+
+@pytest.mark.parametrize("bad", [["--rounds", "0"], ["--timm-precisions", "fp16"]])
+def test_train_vs_timm_refuses_bad_options_as_usage_errors(tmp_path, bad):
+    args = ["--timm-train", str(tmp_path / "train.py"), "--config", str(ROOT / "conf" / "mobilenet-cpu.yaml")]
+    args += ["--data", str(tmp_path), "--weights", str(tmp_path / "w"), *bad]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_vs_timm.py"), *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "error:" in proc.stderr
