@@ -143,7 +143,7 @@ import sys
 import clothcli.data.worker_server as worker_server
 from clothcli.cli import main
 
-def record():
+def record(workers):
     print("torch imported:", "torch" in sys.modules)
     raise SystemExit(0)
 

@@ -113,10 +113,10 @@ def train(
         )
     elif time_limit is not None or folds is not None:
         raise UserError("--time-limit and --folds apply to a new run; --resume continues one run as recorded")
-    if cfg is not None and cfg.data.num_workers > 0:
+    if cfg is not None:
         from clothcli.data.worker_server import start_worker_server
 
-        start_worker_server()  # before torch is imported here, so that the two imports overlap
+        start_worker_server(cfg.data.num_workers)  # before torch is imported here, so that the imports overlap
     from clothcli.training import train as run_training
 
     if folds is not None:

@@ -33,10 +33,10 @@ def worker_context() -> Any:
     return context
 
 
-def start_worker_server() -> None:
-    """Start the fork server now (a no-op when it runs already), so that its imports overlap this process's
-    own work instead of delaying the first batch."""
-    if worker_context() is not None:
+def start_worker_server(workers: int) -> None:
+    """Start the fork server now when loaders will have `workers` > 0 (a no-op when it runs already), so that
+    its imports overlap this process's own work instead of delaying the first batch."""
+    if workers > 0 and worker_context() is not None:
         from multiprocessing import forkserver
 
         forkserver.ensure_running()

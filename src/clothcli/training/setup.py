@@ -143,8 +143,7 @@ def prepare(
     reporter = reporter or SilentReporter()
     source = source or open_training_data(cfg, reporter)
     index = source.index
-    if cfg.data.num_workers > 0:
-        start_worker_server()
+    start_worker_server(cfg.data.num_workers)
 
     accelerator = make_accelerator(
         cfg.train.mixed_precision,
