@@ -112,6 +112,21 @@ def test_bad_irs_are_one_line(exported, tmp_path):
         assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
 
 
+def test_an_ir_with_unnamed_outputs_still_runs(exported, tmp_path):
+    """Converters that trace a bare module (NNCF's fine-tuned models, for one) leave the outputs unnamed."""
+    import openvino as ov
+
+    _, data, xml, _, _ = exported
+    model = ov.Core().read_model(str(xml))
+    for output in model.outputs:
+        output.get_tensor().set_names(set())
+    unnamed = tmp_path / "unnamed.xml"
+    ov.save_model(model, str(unnamed), compress_to_fp16=False)
+    result = runner.invoke(app, ["predict", str(unnamed), str(data / "test")])
+    assert result.exit_code == 0, result.output
+    assert OpenVinoClassifier(unnamed).output_names == ["output0", "output1"]
+
+
 def test_int8_ir_through_nncf(exported, tmp_path, monkeypatch):
     """`--int8` on a .xml output quantizes the IR with NNCF beside it, with the checkpoint's metadata."""
     pytest.importorskip("nncf", reason="NNCF (the openvino extra) is not installed")
@@ -178,3 +193,18 @@ def test_predict_and_evaluate_in_bf16(exported, tmp_path):
     for expected, (model, precision) in cases.items():
         bad = runner.invoke(app, ["predict", str(model), str(data / "test"), "--precision", precision])
         assert bad.exit_code == 2 and expected in bad.output
+
+
+def test_the_graph_normalises_uint8_crops_as_numpy_does(exported):
+    _, _, xml, onnx, _ = exported
+    model, by_onnx = OpenVinoClassifier(xml), load_classifier(onnx)
+    side = model.preprocess.input_size
+    crops = np.random.default_rng(0).integers(0, 256, (3, side, side, 3), dtype=np.uint8)
+    in_graph, in_numpy = model.infer_pixels(crops, features=True), model.infer(model.preprocess.normalise(crops), True)
+    assert model.feeds_pixels and not by_onnx.feeds_pixels
+
+    def close(a: np.ndarray, b: np.ndarray) -> bool:  # as export verifies: relative to the largest value
+        return float(np.abs(a - b).max()) <= 1e-4 * max(1.0, float(np.abs(b).max()))
+
+    assert close(in_graph[0], in_numpy[0]) and close(in_graph[1], in_numpy[1])
+    assert close(by_onnx.infer_pixels(crops)[0], in_numpy[0])

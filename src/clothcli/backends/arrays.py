@@ -43,6 +43,9 @@ class ExportedClassifier(Classifier):
     """An exported model: decoding here, the graph in a runtime (`infer`)."""
 
     output_names: list[str]
+    # True where the runtime normalises inside its graph: `run` then hands it the uint8 NHWC crops
+    # (`infer_pixels`), and the decoding threads write a quarter of the bytes and skip the arithmetic.
+    feeds_pixels = False
 
     def _adopt(self, calibrated: bool) -> None:
         """Classes, preprocessing, architecture and calibration from `self.meta`, the file's metadata."""
@@ -56,6 +59,10 @@ class ExportedClassifier(Classifier):
     @abstractmethod
     def infer(self, images: np.ndarray, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits of a preprocessed float32 NCHW batch, and its features when asked."""
+
+    def infer_pixels(self, pixels: np.ndarray, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """`infer` on a uint8 NHWC batch of crops; runtimes that normalise in their graph override it."""
+        return self.infer(self.preprocess.normalise(pixels), features)
 
     @property
     def has_features(self) -> bool:
@@ -73,20 +80,27 @@ class ExportedClassifier(Classifier):
         if features and not self.has_features:
             raise UserError(f"{self.source}: this export has no features output; export it again with clothcli export")
         k = len(self.classes)
-        for batch in image_batches(files, self.preprocess, batch_size, workers):
+        pixels = self.feeds_pixels
+        infer = self.infer_pixels if pixels else self.infer
+        for batch in image_batches(files, self.preprocess, batch_size, workers, pixels=pixels):
             rows = [batch.indices[pos] for pos in batch.readable]
             out = OutputBatch(batch.indices, rows, np.zeros((0, k), dtype=np.float32), batch.errors)
             if batch.images is not None:
-                out.logits, out.features = self.infer(batch.images, features)
+                out.logits, out.features = infer(batch.images, features)
                 if flip:
-                    out.flipped_logits = self.forward(np.ascontiguousarray(batch.images[..., ::-1]))
+                    mirrored = batch.images[:, :, ::-1] if pixels else batch.images[..., ::-1]
+                    out.flipped_logits = infer(np.ascontiguousarray(mirrored))[0]
             yield out
 
 
 def _read_into(preprocess: Preprocess, path: Path, row: np.ndarray) -> str:
-    """Write the normalised CHW image at `path` into `row` (in a pool thread); why it cannot be read, or ""."""
+    """Write the image at `path` into `row` (in a pool thread): normalised CHW float32, or the uint8 HWC
+    crop for a row of that type; why it cannot be read, or ""."""
     try:
-        preprocess.normalise(preprocess.load(path)[None], out=row[None])
+        if row.dtype == np.uint8:
+            row[...] = preprocess.load(path)
+        else:
+            preprocess.normalise(preprocess.load(path)[None], out=row[None])
         return ""
     except ImageReadError as exc:
         return str(exc)
@@ -99,19 +113,24 @@ class ImageBatch:
     """One batch of files: the normalised images that could be read, and why the others could not."""
 
     indices: list[int]  # into the file list, in order
-    images: np.ndarray | None  # float32 NCHW for the readable files
+    images: np.ndarray | None  # float32 NCHW (uint8 NHWC crops when asked) for the readable files
     readable: list[int]  # the positions in `indices` of the images' rows
     errors: dict[int, str]  # file index -> reason
 
 
-def image_batches(files: list[Path], preprocess: Preprocess, batch_size: int, workers: int) -> Iterator[ImageBatch]:
+def image_batches(
+    files: list[Path], preprocess: Preprocess, batch_size: int, workers: int, pixels: bool = False
+) -> Iterator[ImageBatch]:
     """`files` decoded and preprocessed in batches, in order; with `workers`, two batches ahead in threads.
 
-    Each image is normalised straight into its row of the batch's array."""
+    Each image is normalised straight into its row of the batch's array; with `pixels`, its uint8 crop is
+    copied there unnormalised (NHWC), for a runtime that normalises inside its graph."""
     chunks = [list(range(start, min(start + batch_size, len(files)))) for start in range(0, len(files), batch_size)]
     side = preprocess.input_size
 
     def allocate(chunk: list[int]) -> np.ndarray:
+        if pixels:
+            return np.empty((len(chunk), side, side, 3), dtype=np.uint8)
         return np.empty((len(chunk), 3, side, side), dtype=np.float32)
 
     def assemble(chunk: list[int], array: np.ndarray, reasons: list[str]) -> ImageBatch:

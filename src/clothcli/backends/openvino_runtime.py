@@ -79,9 +79,11 @@ def save_model(model: Any, path: Path) -> None:
 
 
 class OpenVinoClassifier(ExportedClassifier):
-    """An OpenVINO IR compiled for the CPU, ready to classify."""
+    """An OpenVINO IR compiled for the CPU, ready to classify. `run` feeds it uint8 crops: the scaling and
+    normalisation run inside the graph (OpenVINO's preprocessing API), not in the decoding threads."""
 
     format = OPENVINO
+    feeds_pixels = True
 
     def __init__(self, path: str | Path, calibrated: bool = True, threads: int | None = None, precision: str = "f32"):
         if precision not in PRECISIONS:
@@ -94,8 +96,10 @@ class OpenVinoClassifier(ExportedClassifier):
         config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision]}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
+        self._config = config
         self.compiled = core().compile_model(self.model, "CPU", config)
-        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        outputs = self.compiled.outputs
+        self.output_names = [next(iter(sorted(o.get_names())), f"output{i}") for i, o in enumerate(outputs)]
         self._threads = threads
 
     @property
@@ -110,6 +114,25 @@ class OpenVinoClassifier(ExportedClassifier):
     def infer(self, images: np.ndarray, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         results = self.compiled(images)
         outputs = [np.asarray(results[output]) for output in self.compiled.outputs]
+        return outputs[0], outputs[self.output_names.index(FEATURES_OUTPUT)] if features else None
+
+    @functools.cached_property
+    def pixel_graph(self) -> Any:
+        """The model compiled behind its normalisation: uint8 NHWC crops in, as `run` decodes them. The same
+        arithmetic as `Preprocess.normalise`, ahead of the first convolution and its padding."""
+        from openvino.preprocess import PrePostProcessor
+
+        ov = import_openvino()
+        steps = PrePostProcessor(self.model.clone())
+        steps.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+        steps.input().model().set_layout(ov.Layout("NCHW"))
+        normalise = steps.input().preprocess().convert_element_type(ov.Type.f32)
+        normalise.mean([255.0 * m for m in self.preprocess.mean]).scale([255.0 * s for s in self.preprocess.std])
+        return core().compile_model(steps.build(), "CPU", self._config)
+
+    def infer_pixels(self, pixels: np.ndarray, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        results = self.pixel_graph(pixels)
+        outputs = [np.asarray(results[output]) for output in self.pixel_graph.outputs]
         return outputs[0], outputs[self.output_names.index(FEATURES_OUTPUT)] if features else None
 
     def store(self, **values: Any) -> None:
