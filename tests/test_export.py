@@ -29,6 +29,7 @@ pytest.importorskip("onnxruntime", reason="the export extra (pip install 'clothc
 from clothcli.backends.onnx_runtime import OnnxClassifier
 from clothcli.engines.export import export_onnx
 from clothcli.engines.quantize import int8_path_for
+from clothcli.formats import export_path
 
 runner = CliRunner()
 TORCH_FAMILY = ("torch", "timm", "torchvision")
@@ -197,7 +198,11 @@ def test_export_bad_inputs_are_one_line(trained, tmp_path):
         "must end in .onnx": ["export", str(run), "-o", str(tmp_path / "m.pt")],
         "output folder not found": ["export", str(run), "-o", str(tmp_path / "nope" / "m.onnx")],
         "--int8 needs --int8-data": ["export", str(run), "-o", str(tmp_path / "m.onnx"), "--int8"],
-    }
+        "--format openvino writes a .xml file, but the output ends in .onnx": [
+            "export", str(run), "-o", str(tmp_path / "m.onnx"), "--format", "openvino",
+        ],
+        "unknown export format 'tflite'": ["export", str(run), "-o", str(tmp_path / "m"), "--format", "tflite"],
+    }  # fmt: skip
     other = tmp_path / "other.onnx"
     other.write_bytes(b"\x08\x07garbage")
     cases["not a readable ONNX model"] = ["predict", str(other), str(data / "test")]
@@ -206,6 +211,16 @@ def test_export_bad_inputs_are_one_line(trained, tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert expected in result.output and "Traceback" not in result.output
+
+
+def test_format_names_the_suffix_when_the_output_has_none(trained, tmp_path):
+    run, data = trained
+    args = ["export", str(run), "-o", str(tmp_path / "model"), "--format", "onnx"]
+    result = runner.invoke(app, [*args, "--int8", "--calibration", str(data), "--int8-images", "4"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx", "model.onnx"]
+    assert export_path(tmp_path / "m.ONNX", "onnx") == tmp_path / "m.ONNX"
+    assert export_path(tmp_path / "m.v2", "openvino") == tmp_path / "m.v2.xml"
 
 
 def test_missing_extra_names_it(exported, trained, monkeypatch):

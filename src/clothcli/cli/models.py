@@ -19,6 +19,14 @@ def export(
             "--output", "-o", help="The file to write: .onnx (ONNX Runtime), .xml (OpenVINO IR) or .pte (ExecuTorch)."
         ),
     ],
+    format_: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="onnx, openvino or executorch; the suffix is added to -o when it has none, and must agree if it has.",
+            show_default="from -o's suffix",
+        ),
+    ] = None,
     opset: Annotated[int, typer.Option(min=18, max=23, help="ONNX opset version.")] = 18,
     verify: Annotated[
         Path | None,
@@ -39,7 +47,12 @@ def export(
     ] = False,
     int8_data: Annotated[
         Path | None,
-        typer.Option(help="Dataset folder whose train split calibrates --int8.", show_default="none"),
+        typer.Option(
+            "--int8-data",
+            "--calibration",
+            help="Dataset folder whose train split calibrates --int8.",
+            show_default="none",
+        ),
     ] = None,
     int8_images: Annotated[int, typer.Option(min=1, help="Training images --int8 is calibrated on.")] = 256,
     json_path: JsonOption = None,
@@ -51,7 +64,7 @@ def export(
     with render.progress_bar("exporting"):
         report = export_onnx(
             checkpoint=checkpoint, output=output, opset=opset, verify_data=verify, tolerance=tolerance, int8=int8,
-            int8_data=int8_data, int8_images=int8_images,
+            int8_data=int8_data, int8_images=int8_images, export_format=format_,
         )  # fmt: skip
     render.export_report(report)
     save_json(json_path, report.to_dict())

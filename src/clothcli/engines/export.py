@@ -44,7 +44,7 @@ from clothcli.data.sources import available_splits
 from clothcli.engines.evaluate import fold_run, model_outputs, own_split, split_of
 from clothcli.engines.quantize import quantize_int8, quiet, require_quantizer
 from clothcli.errors import UserError, require_packages
-from clothcli.formats import EXECUTORCH, ONNX, OPENVINO, model_format
+from clothcli.formats import EXECUTORCH, ONNX, OPENVINO, export_path, model_format
 from clothcli.io_utils import atomic_path
 from clothcli.models.loading import WithFeatures
 
@@ -234,13 +234,15 @@ def export_onnx(
     int8: bool = False,
     int8_data: str | Path | None = None,
     int8_images: int = 256,
+    export_format: str | None = None,
 ) -> ExportReport:
-    """Export, verify and (with `int8`) quantize the checkpoint at `checkpoint` to `output`.
+    """Export, verify and (with `int8`) quantize the checkpoint at `checkpoint` to `output`, in the format its
+    suffix names or `export_format` (`formats.export_path`).
 
     Nothing is written to `output` unless verification passes; the caller sees the failed
     verification in the report. With `int8`, the quantized model goes to `int8_path_for(output)`.
     A .pte output (ExecuTorch) needs only torch and executorch; the others need the export extra."""
-    output = Path(output)
+    output = export_path(output, export_format)
     _check_output(output)
     if int8 and int8_data is None:
         raise UserError("--int8 needs --int8-data DATA (a dataset folder whose train split calibrates it)")
