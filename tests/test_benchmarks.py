@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["train_throughput.py", "predict_throughput.py"])
+@pytest.mark.parametrize("script", ["train_throughput.py", "predict_throughput.py", "predict_formats.py"])
 def test_benchmark_tiny_mode(script, tmp_path):
     out = tmp_path / "b.json"
     proc = subprocess.run(
@@ -26,6 +26,12 @@ def test_benchmark_tiny_mode(script, tmp_path):
         splits = [r["time_split_seconds"] for r in json.loads(out.read_text())["results"] if "time_split_seconds" in r]
         # validation of the tiny data can take under the 10 ms that metrics.csv resolves, so it may read 0
         assert splits and all(s["train"] > 0 and s["validation"] >= 0 and s["other"] >= 0 for s in splits)
+    elif script == "predict_formats.py":  # every format's command, against ONNX Runtime and decoding alone
+        rows = {row["model"]: row for row in json.loads(out.read_text())["rows"]}
+        assert set(rows) == {"ONNX Runtime fp32", "OpenVINO f32", "OpenVINO bf16", "OpenVINO int8", "decoding only"}
+        assert rows["ONNX Runtime fp32"]["vs_onnx_fp32"] == 1.0 and rows["decoding only"]["vs_decoding"] == 1.0
+        assert rows["OpenVINO f32"]["agreement_with_onnx_fp32"] == 1.0
+        assert all(row["images_per_s"] > 0 for row in rows.values())
     else:  # the exported model ran through the same command, fp32 and int8
         result = json.loads(out.read_text())
         assert set(result["onnx_top1_agreement"]) == {"fp32", "int8"}
