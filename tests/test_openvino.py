@@ -47,7 +47,8 @@ def test_the_ir_verifies_and_carries_the_checkpoint(exported):
     meta = json.loads((run / "best" / "checkpoint.json").read_text())
     assert model.classes == meta["classes"] and model.meta["preprocess"] == meta["preprocess"]
     assert model.has_features and model.schema_version == 1
-    assert model.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+    for graph in (model.pixel_graph, model.compiled):  # what predict runs, and the float graph export verifies
+        assert graph.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
 
 
 def test_openvino_and_onnx_runtime_agree_on_every_image(exported):

@@ -97,10 +97,15 @@ class OpenVinoClassifier(ExportedClassifier):
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self._config = config
-        self.compiled = core().compile_model(self.model, "CPU", config)
-        outputs = self.compiled.outputs
-        self.output_names = [next(iter(sorted(o.get_names())), f"output{i}") for i, o in enumerate(outputs)]
+        self.output_names = [next(iter(sorted(o.get_names())), f"output{i}") for i, o in enumerate(self.model.outputs)]
         self._threads = threads
+        self.pixel_graph = self._compile_pixel_graph()  # now: an IR the CPU plugin cannot run fails as it loads
+
+    @functools.cached_property
+    def compiled(self) -> Any:
+        """The model as the file holds it, float32 NCHW in: compiled when first used (by export's
+        verification, timings or calibration), as `predict` and `evaluate` run `pixel_graph` alone."""
+        return core().compile_model(self.model, "CPU", self._config)
 
     @property
     def quantization(self) -> str:
@@ -109,15 +114,14 @@ class OpenVinoClassifier(ExportedClassifier):
 
     @property
     def threads(self) -> int:
-        return self._threads or int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+        return self._threads or int(self.pixel_graph.get_property("INFERENCE_NUM_THREADS"))
 
     def infer(self, images: np.ndarray, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         results = self.compiled(images)
         outputs = [np.asarray(results[output]) for output in self.compiled.outputs]
         return outputs[0], outputs[self.output_names.index(FEATURES_OUTPUT)] if features else None
 
-    @functools.cached_property
-    def pixel_graph(self) -> Any:
+    def _compile_pixel_graph(self) -> Any:
         """The model compiled behind its normalisation: uint8 NHWC crops in, as `run` decodes them. The same
         arithmetic as `Preprocess.normalise`, ahead of the first convolution and its padding."""
         from openvino.preprocess import PrePostProcessor
