@@ -151,6 +151,35 @@ def test_int8_ir_through_nncf(exported, tmp_path, monkeypatch):
     assert not (tmp_path / "n.xml").exists()  # checked before anything is written
 
 
+def test_quantization_aware_int8_runs_int8_with_any_batch(exported, tmp_path):
+    """`--qat-epochs` fine-tunes NNCF's quantized PyTorch model and writes it as an IR through ONNX: quantized,
+    with the checkpoint's metadata and a dynamic batch dimension."""
+    pytest.importorskip("nncf", reason="NNCF (the openvino extra) is not installed")
+    run, data, _, _, _ = exported
+    xml = tmp_path / "m.xml"
+    args = ["export", str(run), "-o", str(xml), "--int8", "--calibration", str(data), "--qat-epochs", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "fine-tuned quantization-aware (1 epochs)" in " ".join(result.output.split())
+    quantized = load_classifier(tmp_path / "m.int8.xml")
+    assert quantized.meta["quantization"] == "int8 NNCF QAT" and quantized.classes == load_classifier(xml).classes
+    assert "FakeQuantize" in {op.get_type_name() for op in quantized.model.get_ops()}
+    assert quantized.has_features and sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.bin", "m.int8.bin", "m.int8.xml", "m.xml",
+    ]  # fmt: skip
+    batch = np.random.default_rng(0).integers(0, 256, (5, *[quantized.preprocess.input_size] * 2, 3), dtype=np.uint8)
+    logits, features = quantized.infer_pixels(batch, features=True)
+    assert logits.shape == (5, len(quantized.classes)) and len(features) == 5
+    for bad, expected in {
+        ("-o", str(tmp_path / "q.xml"), "--qat-epochs", "2"): "give --int8 and an .xml output",
+        ("-o", str(tmp_path / "q.onnx"), "--int8", "--calibration", str(data), "--qat-epochs", "2"): "an .xml output",
+        ("-o", str(tmp_path / "q.xml"), "--qat-epochs", "-1"): "greater than or equal to 0",
+    }.items():
+        refused = runner.invoke(app, ["export", str(run), *bad])
+        assert refused.exit_code == 2 and expected in " ".join(refused.output.split()), refused.output
+    assert not (tmp_path / "q.xml").exists() and not (tmp_path / "q.onnx").exists()
+
+
 def test_benchmark_puts_every_format_side_by_side(exported, tmp_path):
     """Run as a user runs it, in a process of its own: in this long test process, after the IR rewrite of
     the calibrate test, one more OpenVINO compilation crashed (a segfault inside OpenVINO)."""

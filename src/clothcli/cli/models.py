@@ -55,6 +55,14 @@ def export(
         ),
     ] = None,
     int8_images: Annotated[int, typer.Option(min=1, help="Training images --int8 is calibrated on.")] = 256,
+    qat_epochs: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Epochs of quantization-aware fine-tuning on the train split after --int8's calibration "
+            "(an .xml output; a few minutes an epoch on a laptop CPU).",
+        ),
+    ] = 0,
     json_path: JsonOption = None,
 ) -> None:
     """Export to ONNX (.onnx), OpenVINO (.xml) or ExecuTorch (.pte) by the output's suffix, verified against
@@ -65,6 +73,7 @@ def export(
         report = export_onnx(
             checkpoint=checkpoint, output=output, opset=opset, verify_data=verify, tolerance=tolerance, int8=int8,
             int8_data=int8_data, int8_images=int8_images, export_format=format_,
+            qat_epochs=qat_epochs,
         )  # fmt: skip
     render.export_report(report)
     save_json(json_path, report.to_dict())

@@ -42,7 +42,7 @@ from clothcli.backends.openvino_runtime import OpenVinoClassifier, convert_onnx,
 from clothcli.backends.pytorch import torch_module
 from clothcli.data.sources import available_splits
 from clothcli.engines.evaluate import fold_run, model_outputs, own_split, split_of
-from clothcli.engines.quantize import quantize_int8, quiet, require_quantizer
+from clothcli.engines.quantize import int8_path_for, quantize_int8, quiet, require_quantizer
 from clothcli.errors import UserError, require_packages
 from clothcli.formats import EXECUTORCH, ONNX, OPENVINO, export_path, model_format
 from clothcli.io_utils import atomic_path
@@ -94,6 +94,7 @@ class Int8Result:
     fp32_accuracy: float
     int8_accuracy: float
     top1_agreement: float  # int8 against fp32
+    qat_epochs: int = 0  # quantization-aware fine-tuning after calibration (0: post-training only)
 
 
 @dataclass
@@ -235,17 +236,23 @@ def export_onnx(
     int8_data: str | Path | None = None,
     int8_images: int = 256,
     export_format: str | None = None,
+    qat_epochs: int = 0,
 ) -> ExportReport:
     """Export, verify and (with `int8`) quantize the checkpoint at `checkpoint` to `output`, in the format its
     suffix names or `export_format` (`formats.export_path`).
 
     Nothing is written to `output` unless verification passes; the caller sees the failed
     verification in the report. With `int8`, the quantized model goes to `int8_path_for(output)`.
+    With `qat_epochs`, an IR's int8 model is fine-tuned quantization-aware on the train split (`engines.qat`).
     A .pte output (ExecuTorch) needs only torch and executorch; the others need the export extra."""
     output = export_path(output, export_format)
     _check_output(output)
     if int8 and int8_data is None:
         raise UserError("--int8 needs --int8-data DATA (a dataset folder whose train split calibrates it)")
+    if qat_epochs < 0:
+        raise UserError(f"--qat-epochs must be 0 or more, got {qat_epochs}")
+    if qat_epochs and (not int8 or model_format(output) != OPENVINO):
+        raise UserError("--qat-epochs fine-tunes the int8 model of an OpenVINO IR: give --int8 and an .xml output")
     if model_format(output) == EXECUTORCH:
         if int8:
             raise UserError("--int8 is for .onnx and .xml outputs; a .pte program is exported in fp32")
@@ -282,7 +289,7 @@ def export_onnx(
         if samples is None:  # accuracy needs labelled images: the calibration dataset's validation split
             folder, samples = _labelled_images(loaded, data, verify_split, verify_images)
             source = str(folder)
-        report.int8 = _int8(output, meta, loaded, data, samples, source, int8_images)
+        report.int8 = _int8(output, meta, loaded, data, samples, source, int8_images, model, qat_epochs)
     _copy_bank(loaded, [output] + ([Path(report.int8.path)] if report.int8 else []))
     return report
 
@@ -368,12 +375,23 @@ class _Rejected(Exception):
 
 
 def _int8(
-    output: Path, meta: dict[str, Any], classifier: Classifier, data: Path, samples: list, folder: str, count: int
-) -> Int8Result:
+    output: Path, meta: dict[str, Any], classifier: Classifier, data: Path, samples: list, folder: str, count: int,
+    model: torch.nn.Module, qat_epochs: int,
+) -> Int8Result:  # fmt: skip
     if "train" not in available_splits(data, own_split(classifier, data), own_first=fold_run(classifier)):
         raise UserError(f"{data}: no train split to calibrate int8 on")
     _, calibration = _labelled_images(classifier, data, "train", count, seed=1)
-    quantized = quantize_int8(output, [p for p, _ in calibration], classifier.preprocess, _kept_metadata(meta))
+    files, kept = [p for p, _ in calibration], _kept_metadata(meta)
+    if qat_epochs:
+        from clothcli.engines.qat import quantize_aware
+
+        _, train_samples = _labelled_images(classifier, data, "train", len(split_of(classifier, data, "train").samples))
+        quantized = quantize_aware(
+            model=model, preprocess=classifier.preprocess, calibration_files=files, train_samples=train_samples,
+            epochs=qat_epochs, int8_path=int8_path_for(output), meta={**kept, "quantization": "int8 NNCF QAT"},
+        )  # fmt: skip
+    else:
+        quantized = quantize_int8(output, files, classifier.preprocess, kept)
     fp32_accuracy, fp32_preds = _accuracy(output, samples)
     int8_accuracy, int8_preds = _accuracy(quantized, samples)
     agreement = float((fp32_preds == int8_preds).mean()) if len(fp32_preds) else 0.0
@@ -386,4 +404,5 @@ def _int8(
         fp32_accuracy,
         int8_accuracy,
         agreement,
+        qat_epochs,
     )

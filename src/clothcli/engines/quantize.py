@@ -63,7 +63,7 @@ class _CalibrationReader:
 def require_quantizer(output: Path) -> None:
     """Fail before exporting anything when the quantizer for `output`'s format is not installed."""
     if model_format(output) != ONNX:
-        _import_nncf()
+        import_nncf()
 
 
 def quantize_int8(fp32_path: Path, calibration_files: list[Path], preprocess: Preprocess, meta: dict[str, Any]) -> Path:
@@ -109,7 +109,7 @@ def _quantize_onnx(fp32_path: Path, int8_path: Path, batches: Iterator[np.ndarra
         onnx.save(graph, str(target))
 
 
-def _import_nncf() -> Any:
+def import_nncf() -> Any:
     """nncf, without the warning its torch import logs on machines without CUDA."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
@@ -123,7 +123,7 @@ def _quantize_openvino(fp32_path: Path, int8_path: Path, batches: Iterator[np.nd
     """NNCF's post-training quantization of the IR, one image at a time over the whole calibration set. The
     mixed preset (symmetric weights, asymmetric activations, as hard-swish outputs go below zero) kept the CPU
     recipe's validation accuracy (89.74%, as fp32) where the default symmetric one lost 0.3 points."""
-    nncf = _import_nncf()
+    nncf = import_nncf()
     import openvino as ov
 
     images = [batch[i : i + 1] for batch in batches for i in range(len(batch))]

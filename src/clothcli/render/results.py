@@ -252,7 +252,9 @@ def export_report(report) -> None:
     console.print(table)
     if int8:
         note(
-            f"int8: calibrated on {int8.calibration_images} training images; accuracy on {int8.images} images of "
+            f"int8: calibrated on {int8.calibration_images} training images"
+            + (f", fine-tuned quantization-aware ({int8.qat_epochs} epochs)" if int8.qat_epochs else "")
+            + f"; accuracy on {int8.images} images of "
             f"{int8.folder}; int8 agrees with fp32 on {int8.top1_agreement:.2%} of them"
         )
     note(f"exported in {report.seconds:.1f}s")
