@@ -385,7 +385,7 @@ def _int8(
     if qat_epochs:
         from clothcli.engines.qat import quantize_aware
 
-        _, train_samples = _labelled_images(classifier, data, "train", len(split_of(classifier, data, "train").samples))
+        train_samples = list(split_of(classifier, data, "train").samples)
         quantized = quantize_aware(
             model=model, preprocess=classifier.preprocess, calibration_files=files, train_samples=train_samples,
             epochs=qat_epochs, int8_path=int8_path_for(output), meta={**kept, "quantization": "int8 NNCF QAT"},
