@@ -60,7 +60,7 @@ def export(
         typer.Option(
             min=0,
             help="Epochs of quantization-aware fine-tuning on the train split after --int8's calibration "
-            "(an .xml output; a few minutes an epoch on a laptop CPU).",
+            "(an .xml output; about 90 s an epoch for the CPU recipe on 2 cores).",
         ),
     ] = 0,
     json_path: JsonOption = None,
