@@ -161,6 +161,7 @@ def test_quantization_aware_int8_runs_int8_with_any_batch(exported, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "fine-tuned quantization-aware (1 epochs)" in " ".join(result.output.split())
+    assert ", int8 in " in result.output  # the fine-tuning's minutes are not hidden behind the fp32 export's seconds
     quantized = load_classifier(tmp_path / "m.int8.xml")
     assert quantized.meta["quantization"] == "int8 NNCF QAT" and quantized.classes == load_classifier(xml).classes
     assert "FakeQuantize" in {op.get_type_name() for op in quantized.model.get_ops()}

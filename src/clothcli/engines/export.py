@@ -95,6 +95,7 @@ class Int8Result:
     int8_accuracy: float
     top1_agreement: float  # int8 against fp32
     qat_epochs: int = 0  # quantization-aware fine-tuning after calibration (0: post-training only)
+    seconds: float = 0.0  # quantizing (and fine-tuning), after the fp32 export
 
 
 @dataclass
@@ -380,6 +381,7 @@ def _int8(
 ) -> Int8Result:  # fmt: skip
     if "train" not in available_splits(data, own_split(classifier, data), own_first=fold_run(classifier)):
         raise UserError(f"{data}: no train split to calibrate int8 on")
+    start = time.perf_counter()
     _, calibration = _labelled_images(classifier, data, "train", count, seed=1)
     files, kept = [p for p, _ in calibration], _kept_metadata(meta)
     if qat_epochs:
@@ -405,4 +407,5 @@ def _int8(
         int8_accuracy,
         agreement,
         qat_epochs,
+        round(time.perf_counter() - start, 2),
     )

@@ -257,7 +257,7 @@ def export_report(report) -> None:
             + f"; accuracy on {int8.images} images of "
             f"{int8.folder}; int8 agrees with fp32 on {int8.top1_agreement:.2%} of them"
         )
-    note(f"exported in {report.seconds:.1f}s")
+    note(f"exported in {report.seconds:.1f}s" + (f", int8 in {report.int8.seconds:.1f}s" if report.int8 else ""))
 
 
 def comparison(result) -> None:
