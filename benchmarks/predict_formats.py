@@ -29,7 +29,7 @@ from rich.table import Table
 
 from clothcli.backends import load_classifier
 from clothcli.data.inputs import collect_inputs
-from clothcli.engines.benchmark import _decode_rate
+from clothcli.engines.benchmark import decode_rate
 from clothcli.engines.export import export_onnx
 from clothcli.engines.quantize import int8_path_for
 
@@ -72,7 +72,7 @@ def measure(models: dict, inputs: list[str], rounds: int, workers: int, scratch:
             model, options = models[name]
             out = scratch / f"{name.replace(' ', '-')}.csv"
             rates[name].append(len(files) / whole_command(model, options, inputs, workers, out))
-        rates["decoding only"].append(_decode_rate(files, preprocess, workers))
+        rates["decoding only"].append(decode_rate(files, preprocess, workers))
     return rates
 
 

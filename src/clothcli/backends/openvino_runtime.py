@@ -117,9 +117,7 @@ class OpenVinoClassifier(ExportedClassifier):
         return self._threads or int(self.pixel_graph.get_property("INFERENCE_NUM_THREADS"))
 
     def infer(self, images: np.ndarray, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        results = self.compiled(images)
-        outputs = [np.asarray(results[output]) for output in self.compiled.outputs]
-        return outputs[0], outputs[self.output_names.index(FEATURES_OUTPUT)] if features else None
+        return self._run_graph(self.compiled, images, features)
 
     def _compile_pixel_graph(self) -> Any:
         """The model compiled behind its normalisation: uint8 NHWC crops in, as `run` decodes them. The same
@@ -135,8 +133,12 @@ class OpenVinoClassifier(ExportedClassifier):
         return core().compile_model(steps.build(), "CPU", self._config)
 
     def infer_pixels(self, pixels: np.ndarray, features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        results = self.pixel_graph(pixels)
-        outputs = [np.asarray(results[output]) for output in self.pixel_graph.outputs]
+        return self._run_graph(self.pixel_graph, pixels, features)
+
+    def _run_graph(self, graph: Any, batch: np.ndarray, features: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (and features) of one compiled graph on `batch`."""
+        results = graph(batch)
+        outputs = [np.asarray(results[output]) for output in graph.outputs]
         return outputs[0], outputs[self.output_names.index(FEATURES_OUTPUT)] if features else None
 
     def store(self, **values: Any) -> None:

@@ -103,7 +103,7 @@ def _predict_rate(classifier: Classifier, files: list[Path], workers: int) -> fl
     return len(files) / (time.perf_counter() - start)
 
 
-def _decode_rate(files: list[Path], preprocess: Preprocess, workers: int) -> float:
+def decode_rate(files: list[Path], preprocess: Preprocess, workers: int) -> float:
     """Images/s of decoding alone, at the JPEG draft scale the pipeline decodes at, on `workers` threads."""
 
     def decode(path: Path) -> None:
@@ -170,6 +170,6 @@ def benchmark(
                     predict_images_per_s=_predict_rate(model, files, workers),
                 )
             )
-    report.decode_images_per_s = _decode_rate(files, reference.preprocess, workers)
+    report.decode_images_per_s = decode_rate(files, reference.preprocess, workers)
     report.preprocess_images_per_s = _preprocess_rate(files, reference.preprocess, workers)
     return report

@@ -17,14 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from clothcli.backends.arrays import FEATURES_OUTPUT, image_batches
 from clothcli.backends.openvino_runtime import convert_onnx, publish
 from clothcli.data.preprocess import Preprocess
-from clothcli.engines.quantize import calibration_batches, import_nncf, quiet
+from clothcli.engines.quantize import calibration_batches, import_nncf, one_image_batches, quiet
 from clothcli.errors import UserError
 from clothcli.models.loading import WithFeatures
 
@@ -63,8 +62,7 @@ def quantize_aware(
     """`model` (fp32, batch norms folded, eval mode) quantized, fine-tuned for `epochs` and written as an IR
     at `int8_path` with `meta`; the path."""
     nncf = import_nncf()
-    batches = calibration_batches(calibration_files, preprocess)
-    images = [torch.from_numpy(batch[i : i + 1]) for batch in batches for i in range(len(batch))]
+    images = [torch.from_numpy(x) for x in one_image_batches(calibration_batches(calibration_files, preprocess))]
     if not images or not train_samples:
         raise UserError("no readable training images to quantize on")
     torch.manual_seed(seed)
@@ -81,7 +79,7 @@ def quantize_aware(
         student.train()
         for batch, targets in _training_batches(train_samples, preprocess, generator):
             for group in optimizer.param_groups:
-                group["lr"] = LEARNING_RATE * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+                group["lr"] = LEARNING_RATE * 0.5 * (1 + math.cos(math.pi * step / steps))
             with torch.no_grad():
                 soft = F.softmax(teacher(batch)[0], dim=1)
             logits = student(batch)[0]
@@ -98,7 +96,7 @@ def quantize_aware(
 def _write_ir(student: torch.nn.Module, input_size: int, int8_path: Path, meta: dict[str, Any]) -> None:
     """The fine-tuned model through ONNX (TorchScript exporter, which NNCF's quantizers trace through) to an
     IR with a dynamic batch, staged beside `int8_path` and then moved there."""
-    sample = torch.from_numpy(np.zeros((1, 3, input_size, input_size), dtype=np.float32))
+    sample = torch.zeros(1, 3, input_size, input_size)
     with tempfile.TemporaryDirectory(dir=int8_path.parent, prefix=".int8-") as scratch:
         graph, staged = Path(scratch) / "qat.onnx", Path(scratch) / int8_path.name
         with warnings.catch_warnings(), quiet():

@@ -49,6 +49,11 @@ def calibration_batches(files: list[Path], preprocess: Preprocess) -> Iterator[n
             yield batch.images
 
 
+def one_image_batches(batches: Iterator[np.ndarray]) -> list[np.ndarray]:
+    """The batches' images as batches of one: what NNCF's calibration datasets iterate over."""
+    return [batch[i : i + 1] for batch in batches for i in range(len(batch))]
+
+
 class _CalibrationReader:
     """Feeds ONNX Runtime's static quantization (its CalibrationDataReader protocol)."""
 
@@ -126,7 +131,7 @@ def _quantize_openvino(fp32_path: Path, int8_path: Path, batches: Iterator[np.nd
     nncf = import_nncf()
     import openvino as ov
 
-    images = [batch[i : i + 1] for batch in batches for i in range(len(batch))]
+    images = one_image_batches(batches)
     if not images:
         raise UserError("no readable calibration images to quantize on")
     model = read_model(fp32_path)
